@@ -1,0 +1,3 @@
+"""SAAP: structurally-aware adaptive pruning of LLaMA-family language models."""
+
+__version__ = "0.1.0"

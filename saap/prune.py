@@ -1,0 +1,171 @@
+"""Physical pruning: replay a plan on a base model to get a smaller dense model.
+
+Model surgery derives every size from tensor shapes, slices q/k/v/o and
+gate/up/down together, and builds a ``SaapLlamaForCausalLM`` whose config records
+each layer's sizes. Replaying the same plan on the same base gives bit-identical
+weights; a plan that keeps everything gives the base model's logits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from saap.errors import PruningError
+from saap.model import LayerShape, decoder_layers, layer_shapes, to_saap_config
+from saap.modeling_saap_llama import SaapLlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row indices of the given heads: ``h*hd .. (h+1)*hd - 1`` for each ``h``."""
+    heads_t = torch.as_tensor(heads, dtype=torch.long)
+    return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def check_layer_plan(entry: dict, shape: LayerShape, index: int) -> None:
+    """The plan entry must fit the layer it is replayed on."""
+    heads, kv = entry["kept_heads"], entry["kept_kv_heads"]
+    channels = entry["kept_channels"]
+    problems = []
+    if not heads or not kv or not channels:
+        problems.append("keeps no head, kv head or channel")
+    if heads and max(heads) >= shape.num_heads:
+        problems.append(f"head {max(heads)} >= {shape.num_heads} heads")
+    if kv and max(kv) >= shape.num_kv_heads:
+        problems.append(f"kv head {max(kv)} >= {shape.num_kv_heads} kv heads")
+    if channels and max(channels) >= shape.intermediate_size:
+        problems.append(f"channel {max(channels)} >= {shape.intermediate_size}")
+    if kv and len(heads) % len(kv):
+        problems.append(f"{len(heads)} heads not divisible by {len(kv)} kv heads")
+    if kv and heads:
+        groups = {h // shape.group_size for h in heads}
+        if not groups <= set(kv):
+            problems.append("keeps a query head whose kv head is removed")
+    if problems:
+        raise PruningError(
+            f"plan layer {index} does not fit the model: {'; '.join(problems)}; the "
+            "plan was made for another model, re-run the ranking stage on this one"
+        )
+
+
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.contiguous())
+    return layer
+
+
+@torch.no_grad()
+def prune_model(
+    model: PreTrainedModel,
+    plan: dict,
+    input_means: list[dict[str, torch.Tensor]] | None = None,
+) -> SaapLlamaForCausalLM:
+    """A new, smaller model with the plan's heads and channels kept.
+
+    With ``input_means`` (mean inputs of o_proj and down_proj on calibration data)
+    the removed input channels are compensated by a bias (FLAP): ``b += W[:, removed]
+    @ mean[removed]``.
+    """
+    shapes = layer_shapes(model)
+    if len(plan["layers"]) != len(shapes):
+        raise PruningError(
+            f"plan has {len(plan['layers'])} layers, the model {len(shapes)}; the plan "
+            "was made for another model, re-run the ranking stage on this one"
+        )
+    new_shapes: list[LayerShape] = []
+    new_layers: list[dict[str, nn.Linear]] = []
+    for index, (layer, shape, entry) in enumerate(
+        zip(decoder_layers(model), shapes, plan["layers"], strict=True)
+    ):
+        check_layer_plan(entry, shape, index)
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = shape.head_dim
+        q_rows = head_rows(entry["kept_heads"], hd)
+        kv_rows = head_rows(entry["kept_kv_heads"], hd)
+        channels = torch.as_tensor(entry["kept_channels"], dtype=torch.long)
+
+        def rows(linear: nn.Linear, index_rows: torch.Tensor) -> nn.Linear:
+            bias = linear.bias[index_rows] if linear.bias is not None else None
+            return _new_linear(linear.weight[index_rows], bias)
+
+        def columns(
+            linear: nn.Linear, kept: torch.Tensor, mean: torch.Tensor | None
+        ) -> nn.Linear:
+            bias = linear.bias.clone() if linear.bias is not None else None
+            if mean is not None:
+                removed = torch.ones(linear.weight.shape[1], dtype=torch.bool)
+                removed[kept] = False
+                shift = linear.weight[:, removed].float() @ mean[removed].float()
+                bias = shift.to(linear.weight.dtype) if bias is None else bias + shift
+            return _new_linear(linear.weight[:, kept], bias)
+
+        o_mean = input_means[index]["o"] if input_means else None
+        down_mean = input_means[index]["down"] if input_means else None
+        modules = {
+            "q_proj": rows(attn.q_proj, q_rows),
+            "k_proj": rows(attn.k_proj, kv_rows),
+            "v_proj": rows(attn.v_proj, kv_rows),
+            "o_proj": columns(attn.o_proj, q_rows, o_mean),
+            "gate_proj": rows(mlp.gate_proj, channels),
+            "up_proj": rows(mlp.up_proj, channels),
+            "down_proj": columns(mlp.down_proj, channels, down_mean),
+        }
+        new_layers.append(modules)
+        new_shapes.append(
+            LayerShape(
+                num_heads=len(entry["kept_heads"]),
+                num_kv_heads=len(entry["kept_kv_heads"]),
+                head_dim=hd,
+                intermediate_size=len(entry["kept_channels"]),
+                hidden_size=shape.hidden_size,
+                qkv_bias=shape.qkv_bias,
+                o_bias=modules["o_proj"].bias is not None,
+                mlp_bias=shape.mlp_bias,
+                down_bias=modules["down_proj"].bias is not None,
+            )
+        )
+    config = to_saap_config(model.config, new_shapes)
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        pruned = SaapLlamaForCausalLM(config)
+    state = {
+        key: value
+        for key, value in model.state_dict().items()
+        if ".self_attn." not in key and ".mlp." not in key
+    }
+    for index, modules in enumerate(new_layers):
+        for name, linear in modules.items():
+            part = (
+                "self_attn"
+                if name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                else "mlp"
+            )
+            state[f"model.layers.{index}.{part}.{name}.weight"] = linear.weight.data
+            if linear.bias is not None:
+                state[f"model.layers.{index}.{part}.{name}.bias"] = linear.bias.data
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
+    missing = [
+        k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    # rotary inv_freq is a non-persistent buffer: rebuild it off the meta device
+    if missing or unexpected:
+        raise PruningError(
+            f"pruned state does not match: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    pruned.tie_weights()
+    rotary = pruned.model.rotary_emb
+    rebuilt = type(rotary)(config=config)
+    pruned.model.rotary_emb = rebuilt
+    pruned.to(dtype)
+    pruned.eval()
+    return pruned

@@ -1,0 +1,73 @@
+"""DVC stage ``importance``: score every prunable group with every estimator.
+
+Usage: ``python -m stages.importance --model models/base --calibration
+data/calibration --out artifacts/importance``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from saap.atomic import atomic_dir
+from saap.calibration import load_calibration
+from saap.importance import collect_statistics
+from saap.model import load_model
+from saap.params import ImportanceParams, load_section
+from saap.scores import ImportanceScores, save_scores, scores_from_stats
+from stages.common import guarded, setup
+
+log = logging.getLogger("stages.importance")
+
+
+def compute(
+    params: ImportanceParams, model_dir: Path, calibration_dir: Path
+) -> ImportanceScores:
+    started = time.perf_counter()
+    model, _ = load_model(model_dir, dtype=torch.float32)
+    windows = load_calibration(calibration_dir)["input_ids"]
+    stats = collect_statistics(
+        model,
+        windows,
+        params.batch_size,
+        want_fisher="taylor_element2" in params.estimators,
+    )
+    meta = {
+        "num_layers": len(stats.layers),
+        "estimators": list(params.estimators),
+        "num_batches": stats.num_batches,
+        "num_tokens": stats.num_tokens,
+        "calibration_losses": stats.losses,
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
+    }
+    return scores_from_stats(stats, list(params.estimators), params.seed, meta)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", type=Path, default=Path("models/base"))
+    parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
+    parser.add_argument("--out", type=Path, default=Path("artifacts/importance"))
+    args = parser.parse_args(argv)
+    setup()
+    params = load_section(args.params, "importance")
+    scores = compute(params, args.model, args.calibration)
+    with atomic_dir(args.out) as tmp:
+        save_scores(scores, tmp)
+    log.info(
+        "importance: %s in %.1f s", ", ".join(scores.scores), scores.meta["seconds"]
+    )
+
+
+if __name__ == "__main__":
+    main()

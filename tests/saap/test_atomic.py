@@ -1,0 +1,42 @@
+"""Atomic outputs: a failure leaves the previous output as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saap.atomic import atomic_dir, atomic_file, write_json
+
+pytestmark = pytest.mark.unit
+
+
+def test_failed_directory_write_keeps_previous_output(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_directory_is_replaced_whole(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # normal permissions
+
+
+def test_failed_file_write_keeps_previous_file(tmp_path):
+    target = tmp_path / "m.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(KeyboardInterrupt), atomic_file(target) as tmp:
+        tmp.write_text("{broken")
+        raise KeyboardInterrupt
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

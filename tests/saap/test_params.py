@@ -1,0 +1,57 @@
+"""params.yaml validation: unknown keys and bad values name their path and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saap.errors import ParamsError
+from saap.params import SECTIONS, PruneParams, load_section, parse_section
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_file_is_valid():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in raw:
+        assert name in SECTIONS, f"section {name} has no pydantic model"
+        parse_section(name, raw[name])
+
+
+def test_misspelt_key_names_its_path(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prune:\n  ratoi: 0.2\n")
+    with pytest.raises(
+        ParamsError, match=r"prune\.ratoi: unknown key; known keys are ratio"
+    ):
+        load_section(path, "prune")
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_ratio_outside_unit_interval(ratio):
+    with pytest.raises(ParamsError, match=rf"prune\.ratio.*{ratio}.*outside \[0, 1\)"):
+        parse_section("prune", {"ratio": ratio})
+
+
+def test_unknown_estimator_and_importance():
+    with pytest.raises(ParamsError, match=r"importance\.estimators\.0"):
+        parse_section("importance", {"estimators": ["taylor"]})
+    with pytest.raises(ParamsError, match="importance 'fancy' is unknown"):
+        parse_section("prune", {"importance": "fancy"})
+
+
+def test_unknown_section_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="unknown params section 'prunning'"):
+        parse_section("prunning", {})
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_section(tmp_path / "nope.yaml", "prune")
+
+
+def test_defaults_fill_a_missing_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("assets: {}\n")
+    assert load_section(path, "prune") == PruneParams()
