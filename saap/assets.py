@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -142,6 +143,47 @@ def materialize_model(source_text: str, out_dir: Path, cache_dir: Path) -> None:
         else:  # hf
             checkpoint_to_plain(hub_snapshot(source.value, "model"), tmp)
         (tmp / "SOURCE").write_text(str(source) + "\n")
+        (tmp / "saap.json").write_text(
+            json.dumps(
+                {
+                    "name": base_model_name(source.scheme, source.value),
+                    "source": str(source),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+def base_model_name(scheme: str, value: str) -> str:
+    """A short registry-friendly name of the base model."""
+    if scheme == "pypi":
+        return Path(GGUF_MEMBER).stem.split(".")[0]  # SmolLM2-135M-Instruct
+    if scheme == "hf":
+        return value.rstrip("/").split("/")[-1]
+    path = Path(value)
+    return path.stem.split(".")[0] if scheme == "gguf" else path.resolve().name
+
+
+def copy_converted(source_text: str, eval_out: Path, text_out: Path) -> dict[str, int]:
+    """Copy already-converted ``eval/`` and ``text/`` folders from ``dir:PATH``."""
+    source = parse_source(source_text, ("pypi", "dir"))
+    root = Path(source.value).expanduser()
+    counts: dict[str, int] = {}
+    for name, out in (("eval", eval_out), ("text", text_out)):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(
+                f"data source {source_text!r} has no {name}/ folder; it must hold "
+                "eval/ (<task>.jsonl) and text/ (ptb_test.txt, wiki.txt, c4.jsonl) "
+                "as the assets stage writes them"
+            )
+        with atomic_dir(out) as tmp:
+            for item in folder.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+                    counts[f"{name}/{item.name}"] = item.stat().st_size
+    return counts
 
 
 # ---------------------------------------------------------------- evaluation sets

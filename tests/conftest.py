@@ -172,3 +172,76 @@ def real_assets(tmp_path_factory) -> Path:
         root / "data/instruct",
     )
     return root
+
+
+def synthetic_eval_records(task: str, count: int) -> list[dict]:
+    """Records with each task's original fields (tiny, deterministic)."""
+    rng = random.Random(task)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    records = []
+    for i in range(count):
+        if task == "boolq":
+            records.append(
+                {"question": words(6), "answer": i % 2 == 0, "passage": words(30)}
+            )
+        elif task == "piqa":
+            records.append(
+                {"goal": words(8), "sol1": words(6), "sol2": words(6), "label": i % 2}
+            )
+        elif task == "hellaswag":
+            records.append(
+                {
+                    "ind": i,
+                    "activity_label": words(2),
+                    "ctx_a": words(8),
+                    "ctx_b": words(3),
+                    "ctx": words(11),
+                    "endings": [words(5) + " [title]" for _ in range(4)],
+                    "source_id": f"s{i}",
+                    "split": "val",
+                    "split_type": "indomain",
+                    "label": str(i % 4),
+                }
+            )
+        elif task == "winogrande":
+            records.append(
+                {
+                    "sentence": words(5) + " _ " + words(5),
+                    "option1": words(1),
+                    "option2": words(1),
+                    "answer": str(1 + i % 2),
+                }
+            )
+        else:
+            question_key = "question_stem" if task == "openbookqa" else "question"
+            records.append(
+                {
+                    "id": f"{task}-{i}",
+                    question_key: words(10),
+                    "choices": {
+                        "text": [words(3) for _ in range(4)],
+                        "label": list("ABCD"),
+                    },
+                    "answerKey": "ABCD"[i % 4],
+                }
+            )
+    return records
+
+
+@pytest.fixture(scope="session")
+def eval_dir(tmp_path_factory) -> Path:
+    """A ``data/eval`` folder of the seven tasks, 6 synthetic records each."""
+    out = tmp_path_factory.mktemp("eval")
+    for task in (
+        "boolq",
+        "piqa",
+        "hellaswag",
+        "winogrande",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+    ):
+        (out / f"{task}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in synthetic_eval_records(task, 6))
+        )
+    return out

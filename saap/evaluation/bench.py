@@ -1,0 +1,119 @@
+"""Edge benchmark: size, MACs, memory, prefill and decode speed at batch 1.
+
+Speeds are medians over repeats after a warm-up, with the thread count fixed and
+recorded. Beside each measured speedup the report gives the ideal one: decoding
+a token at batch 1 reads every weight once, so the bytes of weights read per
+token, dense over pruned, bound the speedup a memory-bound runtime can reach.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from saap.model import count_params, layer_shapes
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights read to decode one token: every matrix once, except the
+    embedding table, of which one row is read (unless tied to the LM head, which
+    reads it whole)."""
+    element = next(model.parameters()).element_size()
+    total = count_params(model)
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embed
+    skipped = 0 if tied else embed.numel() - embed.shape[1]
+    return (total - skipped) * element
+
+
+def macs_per_token(model, context_len: int) -> int:
+    """Multiply-accumulates to process one token with ``context_len`` tokens cached:
+    every linear layer (LM head included) plus attention scores and weighted sums."""
+    shapes = layer_shapes(model)
+    linear = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    if model.get_output_embeddings() is not None and not any(
+        module is model.get_output_embeddings()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+    ):
+        linear += model.get_output_embeddings().weight.numel()
+    attention = sum(2 * s.num_heads * s.head_dim * context_len for s in shapes)
+    return int(linear + attention)
+
+
+def disk_bytes(checkpoint: Path) -> int:
+    """Bytes of the weight files of a checkpoint folder."""
+    return sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors"))
+
+
+@torch.no_grad()
+def time_prefill_decode(
+    model, prompt_ids: torch.Tensor, decode_tokens: int
+) -> tuple[float, list[float]]:
+    """(time to first token, per-step decode seconds) at batch 1 with a KV cache.
+
+    The first token comes out of the prefill pass, so its time is the prefill time.
+    """
+    cache = DynamicCache()
+    start = time.perf_counter()
+    out = model(input_ids=prompt_ids, cache=cache, use_cache=True)
+    next_token = out.logits[:, -1:].argmax(-1)  # (1, 1)
+    first = time.perf_counter()
+    steps = []
+    for _ in range(decode_tokens):
+        tick = time.perf_counter()
+        out = model(input_ids=next_token, cache=cache, use_cache=True)
+        next_token = out.logits[:, -1:].argmax(-1)
+        steps.append(time.perf_counter() - tick)
+    return first - start, steps
+
+
+def benchmark(
+    model,
+    checkpoint: Path,
+    prompt_len: int,
+    decode_tokens: int,
+    context_len: int,
+    repeats: int,
+    warmup: int,
+    threads: int,
+    seed: int = 0,
+) -> dict:
+    """The edge metrics of one loaded model (the caller fixes dtype and device)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=generator)
+    for _ in range(warmup):
+        time_prefill_decode(model, prompt, min(decode_tokens, 8))
+    prefill, decode_medians = [], []
+    for _ in range(repeats):
+        first, steps = time_prefill_decode(model, prompt, decode_tokens)
+        prefill.append(first)
+        decode_medians.append(statistics.median(steps))
+    prefill_s = statistics.median(prefill)
+    decode_s = statistics.median(decode_medians)
+    return {
+        "params": count_params(model),
+        "macs_per_token": macs_per_token(model, context_len),
+        "context_len": context_len,
+        "disk_bytes": disk_bytes(checkpoint),
+        "weight_bytes_per_token": weight_bytes_per_token(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "prefill_tokens_per_s": prompt_len / prefill_s,
+        "time_to_first_token_s": prefill_s,
+        "decode_tokens_per_s": 1.0 / decode_s,
+        "decode_latency_ms": 1000 * decode_s,
+    }
