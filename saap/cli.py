@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,9 +78,108 @@ def repro(
 
 
 @app.command()
-def run() -> None:
-    """Run the whole pipeline on the embedded default (``dvc repro``)."""
-    repro(None)
+def run(
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+) -> None:
+    """Run the compress flow: DVC stages, MLflow logging, registry and gates.
+
+    Prefect's temporary local server is used unless PREFECT_API_URL is set.
+    """
+    _quiet_prefect()
+    from flows.compress import compress
+
+    try:
+        summary = compress(project=str(project.resolve()))
+    except SaapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def deploy(
+    cron: Annotated[str, typer.Option(help="Cron schedule")] = "0 2 * * *",
+    pool: Annotated[str, typer.Option(help="Process work pool")] = "saap-process",
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+) -> None:
+    """Create the nightly deployment (needs a Prefect server: PREFECT_API_URL)."""
+    _quiet_prefect()
+    from flows.deploy import deploy_nightly
+
+    deployment_id = deploy_nightly(project, cron=cron, pool=pool)
+    typer.echo(
+        f"deployment compress/nightly ({deployment_id}) on pool {pool}, cron "
+        f"{cron!r}; start a worker with: prefect worker start --pool {pool}"
+    )
+
+
+def _quiet_prefect() -> None:
+    """No telemetry from the temporary server (it also races on its SQLite file)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _gates_params(project: Path):
+    from saap.params import load_section
+
+    return load_section(project / "params.yaml", "gates")
+
+
+@app.command()
+def gates(
+    version: Annotated[str, typer.Option(help="Registered version")] = "candidate",
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+) -> None:
+    """Show the recorded gate values and verdicts of a registered version."""
+    from flows import tracking
+
+    project = project.resolve()
+    client = tracking.client_for(project)
+    name = tracking.registered_name(project, _gates_params(project))
+    model_version = (
+        client.get_model_version_by_alias(name, version)
+        if not version.isdigit()
+        else client.get_model_version(name, version)
+    )
+    tags = dict(model_version.tags)
+    typer.echo(
+        f"{name} v{model_version.version} ({tags.get('method', '?')}, "
+        f"ratio {tags.get('ratio', '?')}): gates {tags.get('gates', 'not applied')}"
+    )
+    for key in sorted(
+        k for k in tags if k.startswith("gate.") and k.endswith(".verdict")
+    ):
+        gate = key.removeprefix("gate.").removesuffix(".verdict")
+        typer.echo(
+            f"  {gate:20s} {tags[key]:4s} value {tags.get(f'gate.{gate}.value')} "
+            f"threshold {tags.get(f'gate.{gate}.threshold')}"
+        )
+    aliases = client.get_registered_model(name).aliases
+    typer.echo(f"aliases: {aliases}")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version number")],
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+) -> None:
+    """Re-apply the gates (thresholds from params.yaml) to a version; move
+    ``champion`` to it if every gate passes."""
+    from flows import tracking
+
+    project = project.resolve()
+    client = tracking.client_for(project)
+    params = _gates_params(project)
+    name = tracking.registered_name(project, params)
+    results, promoted = tracking.apply_gates(client, name, version, params)
+    for result in results:
+        typer.echo(
+            f"  {result.name:20s} {'pass' if result.passed else 'FAIL'} "
+            f"value {result.value} threshold {result.threshold}"
+        )
+    typer.echo(f"{name} v{version}: {'champion' if promoted else 'champion unchanged'}")
+    if not promoted:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

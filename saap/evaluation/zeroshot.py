@@ -114,7 +114,9 @@ def evaluate_zero_shot(
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_tasks(tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal"
+    )
     with tempfile.TemporaryDirectory(prefix="saap-tasks-") as tmp:
         names = write_task_configs(eval_dir, tasks, Path(tmp))
         from lm_eval.tasks import TaskManager

@@ -1,0 +1,213 @@
+"""The ``compress`` flow: run the DVC stages as Prefect tasks, then log to MLflow,
+register the compressed model, apply the gates and promote.
+
+DVC decides what is stale: each task is ``dvc repro --single-item <stage>`` in
+pipeline order, so an unchanged stage costs a hash check. Only transient failures
+(a DVC lock held by another process, a network error while downloading) are
+retried. A project-wide file lock keeps two overlapping runs (two nightly
+schedules, or a manual run during the nightly one) from touching the same
+outputs: the second waits, then fails cleanly if the first does not finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.context import get_run_context
+
+from saap.errors import SaapError, SourceError
+from saap.params import GatesParams, load_section
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "saap-compress.lock"
+
+
+class ConcurrentRunError(SaapError):
+    """Another compress run holds the project lock."""
+
+
+@contextlib.contextmanager
+def project_lock(project: Path, timeout_s: float) -> Iterator[None]:
+    """Hold an exclusive lock on the project; wait up to ``timeout_s`` for it."""
+    lock_dir = project / ".dvc" / "tmp"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    handle = (lock_dir / LOCK_NAME).open("a+")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConcurrentRunError(
+                        f"another compress run holds {lock_dir / LOCK_NAME} after "
+                        f"{timeout_s:.0f} s of waiting; let it finish (or raise "
+                        "lock_timeout_s) and run again"
+                    ) from None
+                time.sleep(1.0)
+        yield
+    finally:
+        handle.close()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """DVC lock contention and download/network errors are worth a retry."""
+    from dvc.exceptions import LockError
+
+    text = str(exc).lower()
+    if isinstance(exc, LockError):
+        return True
+    return isinstance(exc, SourceError | ConnectionError | TimeoutError) and any(
+        word in text for word in ("timed out", "connection", "temporarily", "network")
+    )
+
+
+def _retry_transient(_task, _task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the state's own exception
+        return is_transient(exc)
+    return False
+
+
+def pipeline_stages(project: Path) -> list[str]:
+    """Stage names of ``dvc.yaml`` in dependency order."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        graph = repo.index.graph
+        return [
+            stage.addressing for stage in reversed(list(nx.topological_sort(graph)))
+        ]
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
+def repro_stage(project: str, stage: str) -> bool:
+    """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
+    from dvc.repo import Repo
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    with Repo(project) as repo:
+        ran = repo.reproduce(stage, single_item=True)
+    seconds = time.perf_counter() - started
+    logger.info("%s: %s (%.1f s)", stage, "ran" if ran else "up to date", seconds)
+    return bool(ran)
+
+
+@task
+def track_and_promote(
+    project: str,
+    mlflow_run_id: str,
+    variants: list[str],
+    gates: GatesParams,
+    flow_run: str | None,
+) -> dict:
+    """Log the run, register the gated variant and apply the gates."""
+    from flows import tracking
+
+    root = Path(project)
+    client = tracking.client_for(root)
+    tracking.log_run(client, mlflow_run_id, root, variants, flow_run)
+    name = tracking.registered_name(root, gates)
+    plan_path = root / "artifacts" / "plan" / "plan.json"
+    tags = {"variant": gates.variant, "base_model": tracking.base_model_name(root)}
+    if plan_path.is_file():
+        import json
+
+        plan = json.loads(plan_path.read_text())
+        tags |= {
+            "ratio": f"{plan['achieved_ratio']:.4f}",
+            "method": f"{plan['importance']}/{plan['allocation']}",
+        }
+    hashes = tracking.dvc_lock_hashes(root)
+    for key in (
+        "calibration:data/calibration",
+        "assets:data/eval",
+        "assets:models/base",
+    ):
+        if key in hashes:
+            tags[f"data.{key.split(':')[1]}"] = hashes[key]
+    stage = "prune" if gates.variant == "pruned" else "finetune"
+    tags["model_md5"] = hashes.get(f"{stage}:models/{gates.variant}", "")
+    latest = tracking.latest_version(client, name)
+    if latest is not None and tags["model_md5"]:
+        if latest.tags.get("model_md5") == tags["model_md5"]:
+            # the same model as the newest version: nothing new to register or gate
+            champion = tracking.champion_version(client, name)
+            return {
+                "registered_model": name,
+                "version": str(latest.version),
+                "promoted": champion is not None and champion.version == latest.version,
+                "gates": "unchanged (same model as the newest version)",
+            }
+    version = tracking.register_version(
+        client, mlflow_run_id, root, name, gates.variant, tags
+    )
+    results, promoted = tracking.apply_gates(client, name, version.version, gates)
+    return {
+        "registered_model": name,
+        "version": str(version.version),
+        "promoted": promoted,
+        "gates": {r.name: r.as_dict() for r in results},
+    }
+
+
+@flow(name="compress", log_prints=True)
+def compress(project: str = ".", lock_timeout_s: float = 3600.0) -> dict:
+    """Run the pipeline, track it in MLflow, register and gate the model."""
+    from flows import tracking
+
+    logger = get_run_logger()
+    # DVC's advice to `git add dvc.lock` after every stage is noise in a flow log
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
+    root = Path(project).resolve()
+    # stage commands call `python`: make it this interpreter
+    os.environ["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    gates = load_section(root / "params.yaml", "gates")
+    try:
+        flow_run = str(get_run_context().flow_run.id)
+    except Exception:  # noqa: BLE001 - no context outside a flow run
+        flow_run = None
+    client = tracking.client_for(root)
+    with project_lock(root, lock_timeout_s):
+        run = client.create_run(
+            tracking.experiment_id(client, root),
+            run_name=f"compress-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
+        ran = {}
+        try:
+            for stage in pipeline_stages(root):
+                ran[stage] = repro_stage(str(root), stage)
+            variants = ["dense", gates.variant]
+            summary = track_and_promote(
+                str(root), run.info.run_id, variants, gates, flow_run
+            )
+        except BaseException:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        client.set_terminated(run.info.run_id, "FINISHED")
+    summary |= {
+        "mlflow_run_id": run.info.run_id,
+        "stages_ran": [s for s, r in ran.items() if r],
+    }
+    logger.info(
+        "registered %s v%s; champion %s",
+        summary["registered_model"],
+        summary["version"],
+        "moved" if summary["promoted"] else "unchanged",
+    )
+    return summary

@@ -1,0 +1,324 @@
+"""MLflow side of a flow run: log everything, register the model, apply the gates.
+
+Embedded default: a SQLite store ``mlflow.db`` and an artifact folder
+``mlartifacts/`` in the project; ``MLFLOW_TRACKING_URI`` points at a team server
+instead. One MLflow run per flow run; one registered model per base model, with
+alias ``candidate`` on the newest version and ``champion`` on the version that
+last passed every gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from saap.errors import SaapError
+from saap.gates import GateResult, evaluate_gates
+from saap.params import GatesParams
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "saap-compress"
+
+
+class RegistryError(SaapError):
+    """The tracking server or model registry cannot be reached or is inconsistent."""
+
+
+def tracking_uri(project: Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` or the project's SQLite store."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{project.resolve()}/mlflow.db"
+    )
+
+
+def client_for(project: Path) -> MlflowClient:
+    uri = tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means unreachable
+        raise RegistryError(
+            f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); start the server or unset "
+            "MLFLOW_TRACKING_URI to use the embedded SQLite store"
+        ) from None
+    return client
+
+
+def experiment_id(client: MlflowClient, project: Path) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (project.resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def git_revision(project: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        result = subprocess.run(
+            ["git", *args], cwd=project, capture_output=True, text=True, check=False
+        )
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    return {
+        "git.revision": git("rev-parse", "HEAD") or "none",
+        "git.dirty": "true"
+        if git("status", "--porcelain", "--untracked-files=no")
+        else "false",
+    }
+
+
+def dvc_lock_hashes(project: Path) -> dict[str, str]:
+    """``md5`` of every stage output in ``dvc.lock``: with the git revision, enough
+    to reproduce the run (``git checkout`` + ``dvc checkout``/``dvc repro``)."""
+    lock = project / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    hashes = {}
+    for stage, body in (data.get("stages") or {}).items():
+        for out in body.get("outs") or []:
+            hashes[f"{stage}:{out['path']}"] = out.get("md5", "")
+    return hashes
+
+
+def variant_metrics(project: Path, variant: str) -> dict:
+    """The eval and bench JSON of a variant, as the stages wrote them."""
+    metrics = {}
+    for kind in ("eval", "bench"):
+        path = project / "metrics" / kind / f"{variant}.json"
+        if not path.is_file():
+            raise RegistryError(
+                f"{path} is missing; the {kind} stage of {variant} writes it"
+            )
+        metrics[kind] = json.loads(path.read_text())
+    return metrics
+
+
+def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
+    """MLflow metric names: ``<variant>.ppl.<corpus>``, ``<variant>.acc.<task>``..."""
+    out: dict[str, float] = {}
+    evaluation, bench = metrics["eval"], metrics["bench"]
+    for corpus, value in evaluation["perplexity"].items():
+        out[f"{variant}.ppl.{corpus}"] = value
+    for task, scores in evaluation["zero_shot"].items():
+        for name in ("acc", "acc_norm"):
+            if name in scores:
+                out[f"{variant}.{name}.{task}"] = scores[name]
+    if evaluation["mean_acc"] is not None:
+        out[f"{variant}.mean_acc"] = evaluation["mean_acc"]
+    out[f"{variant}.params"] = evaluation["params"]
+    for key in (
+        "decode_tokens_per_s",
+        "prefill_tokens_per_s",
+        "time_to_first_token_s",
+        "macs_per_token",
+        "disk_bytes",
+        "peak_rss_mb",
+        "weight_bytes_per_token",
+    ):
+        out[f"{variant}.{key}"] = bench[key]
+    for key, value in (bench.get("speedup_vs_dense") or {}).items():
+        out[f"{variant}.speedup.{key}"] = value
+    return out
+
+
+def plot_accuracy_vs_speed(points: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for variant, metrics in points.items():
+        x = metrics["bench"]["decode_tokens_per_s"]
+        y = metrics["eval"]["mean_acc"] or 0.0
+        ax.scatter([x], [y])
+        ax.annotate(variant, (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("decode tokens/s (batch 1, CPU)")
+    ax.set_ylabel("mean zero-shot accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def base_model_name(project: Path) -> str:
+    info = project / "models" / "base" / "saap.json"
+    if info.is_file():
+        return json.loads(info.read_text())["name"]
+    return "base"
+
+
+def registered_name(project: Path, params: GatesParams) -> str:
+    return params.registered_model or f"saap-{base_model_name(project)}"
+
+
+def log_run(
+    client: MlflowClient,
+    run_id: str,
+    project: Path,
+    variants: list[str],
+    flow_run: str | None,
+) -> dict[str, dict]:
+    """Log params, metrics of every variant, plan, plots, samples, revision, hashes."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    flat = flatten("", params, {})
+    for key, value in flat.items():
+        client.log_param(
+            run_id, key, json.dumps(value) if not isinstance(value, str) else value
+        )
+    tags = git_revision(project) | {
+        "flow_run": flow_run or "none",
+        "project": str(project),
+    }
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    hashes = dvc_lock_hashes(project)
+    for key, value in hashes.items():
+        # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages are named like bench@pruned
+        client.set_tag(run_id, "dvc." + re.sub(r"[^\w\-. :/]", ".", key), value)
+    all_metrics = {variant: variant_metrics(project, variant) for variant in variants}
+    for variant, metrics in all_metrics.items():
+        for key, value in flat_metrics(variant, metrics).items():
+            client.log_metric(run_id, key, float(value))
+        client.log_artifact(
+            run_id, str(project / "metrics/eval" / f"{variant}.json"), "eval"
+        )
+        client.log_artifact(
+            run_id, str(project / "metrics/bench" / f"{variant}.json"), "bench"
+        )
+        samples = project / "metrics/eval" / f"{variant}.generations.md"
+        if samples.is_file():
+            client.log_artifact(run_id, str(samples), "generations")
+    for artifact in (
+        "artifacts/plan/plan.json",
+        "artifacts/plan/kept_fraction.png",
+        "dvc.lock",
+        "params.yaml",
+    ):
+        if (project / artifact).is_file():
+            client.log_artifact(run_id, str(project / artifact), "pipeline")
+    plot = project / "metrics" / "accuracy_vs_speed.png"
+    plot_accuracy_vs_speed(all_metrics, plot)
+    client.log_artifact(run_id, str(plot), "plots")
+    return all_metrics
+
+
+def register_version(
+    client: MlflowClient,
+    run_id: str,
+    project: Path,
+    name: str,
+    variant: str,
+    tags: dict,
+):
+    """Log the checkpoint of ``variant`` and register it as a new version."""
+    checkpoint = project / "models" / variant
+    if not (checkpoint / "config.json").is_file():
+        raise RegistryError(f"{checkpoint} holds no checkpoint; its stage did not run")
+    client.log_artifacts(run_id, str(checkpoint), "model")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="SAAP-compressed versions")
+    run = client.get_run(run_id)
+    version = client.create_model_version(
+        name, f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags
+    )
+    client.set_registered_model_alias(name, "candidate", version.version)
+    return version
+
+
+def version_metrics(client: MlflowClient, name: str, version: str) -> dict:
+    """Candidate and dense metric dicts of a registered version, from its run."""
+    model_version = client.get_model_version(name, version)
+    run = client.get_run(model_version.run_id)
+    metrics = run.data.metrics
+    variant = model_version.tags.get("variant", "pruned")
+
+    def variant_view(prefix: str) -> dict:
+        return {
+            "eval": {
+                "mean_acc": metrics.get(f"{prefix}.mean_acc"),
+                "params": metrics.get(f"{prefix}.params"),
+                "perplexity": {
+                    key.split(".")[-1]: value
+                    for key, value in metrics.items()
+                    if key.startswith(f"{prefix}.ppl.")
+                },
+            },
+            "bench": {
+                "decode_tokens_per_s": metrics.get(f"{prefix}.decode_tokens_per_s")
+            },
+        }
+
+    return {"candidate": variant_view(variant), "dense": variant_view("dense")}
+
+
+def latest_version(client: MlflowClient, name: str):
+    """The newest version of ``name`` (alias ``candidate``), or None."""
+    try:
+        return client.get_model_version_by_alias(name, "candidate")
+    except MlflowException:
+        return None
+
+
+def champion_version(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def apply_gates(
+    client: MlflowClient, name: str, version: str, params: GatesParams
+) -> tuple[list[GateResult], bool]:
+    """Compute every gate, record value and verdict as version tags, and move the
+    ``champion`` alias to ``version`` only if all pass."""
+    views = version_metrics(client, name, version)
+    champion = champion_version(client, name)
+    champion_view = None
+    if champion is not None and champion.version != str(version):
+        champion_view = version_metrics(client, name, champion.version)["candidate"]
+    results = evaluate_gates(views["candidate"], views["dense"], params, champion_view)
+    for result in results:
+        prefix = f"gate.{result.name}"
+        client.set_model_version_tag(
+            name, version, f"{prefix}.value", str(result.value)
+        )
+        client.set_model_version_tag(
+            name, version, f"{prefix}.threshold", str(result.threshold)
+        )
+        client.set_model_version_tag(
+            name, version, f"{prefix}.verdict", "pass" if result.passed else "fail"
+        )
+    promoted = all(result.passed for result in results)
+    client.set_model_version_tag(name, version, "gates", "pass" if promoted else "fail")
+    if promoted:
+        client.set_registered_model_alias(name, "champion", str(version))
+    log.info("gates of %s v%s: %s", name, version, "pass" if promoted else "fail")
+    return results, promoted
