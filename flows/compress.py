@@ -35,6 +35,10 @@ class ConcurrentRunError(SaapError):
     """Another compress run holds the project lock."""
 
 
+class StageFailedError(SaapError):
+    """A DVC stage exited with an error; the message is the stage's own."""
+
+
 @contextlib.contextmanager
 def project_lock(project: Path, timeout_s: float) -> Iterator[None]:
     """Hold an exclusive lock on the project; wait up to ``timeout_s`` for it."""
@@ -85,7 +89,7 @@ def pipeline_stages(project: Path) -> list[str]:
     import networkx as nx
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with contextlib.chdir(project), Repo(str(project)) as repo:
         graph = repo.index.graph
         return [
             stage.addressing for stage in reversed(list(nx.topological_sort(graph)))
@@ -95,12 +99,24 @@ def pipeline_stages(project: Path) -> list[str]:
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
 def repro_stage(project: str, stage: str) -> bool:
     """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
+    from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
 
     logger = get_run_logger()
     started = time.perf_counter()
-    with Repo(project) as repo:
-        ran = repo.reproduce(stage, single_item=True)
+    error_file = Path(project) / ".dvc" / "tmp" / f"saap-error-{os.getpid()}.txt"
+    error_file.unlink(missing_ok=True)
+    os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
+    try:
+        # DVC resolves some paths against the working directory: work inside the repo
+        with contextlib.chdir(project), Repo(project) as repo:
+            ran = repo.reproduce(stage, single_item=True)
+    except ReproductionError as exc:
+        message = error_file.read_text().strip() if error_file.is_file() else str(exc)
+        raise StageFailedError(f"stage {stage} failed: {message}") from exc
+    finally:
+        os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
+        error_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     logger.info("%s: %s (%.1f s)", stage, "ran" if ran else "up to date", seconds)
     return bool(ran)
@@ -149,7 +165,8 @@ def track_and_promote(
             return {
                 "registered_model": name,
                 "version": str(latest.version),
-                "promoted": champion is not None and champion.version == latest.version,
+                "promoted": champion is not None
+                and str(champion.version) == str(latest.version),
                 "gates": "unchanged (same model as the newest version)",
             }
     version = tracking.register_version(
@@ -192,7 +209,7 @@ def compress(project: str = ".", lock_timeout_s: float = 3600.0) -> dict:
         try:
             for stage in pipeline_stages(root):
                 ran[stage] = repro_stage(str(root), stage)
-            variants = ["dense", gates.variant]
+            variants = list(dict.fromkeys(["dense", "pruned", gates.variant]))
             summary = track_and_promote(
                 str(root), run.info.run_id, variants, gates, flow_run
             )

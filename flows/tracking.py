@@ -199,7 +199,7 @@ def log_run(
         client.set_tag(run_id, key, value)
     hashes = dvc_lock_hashes(project)
     for key, value in hashes.items():
-        # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages are named like bench@pruned
+        # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages look like bench@pruned
         client.set_tag(run_id, "dvc." + re.sub(r"[^\w\-. :/]", ".", key), value)
     all_metrics = {variant: variant_metrics(project, variant) for variant in variants}
     for variant, metrics in all_metrics.items():
@@ -302,7 +302,7 @@ def apply_gates(
     views = version_metrics(client, name, version)
     champion = champion_version(client, name)
     champion_view = None
-    if champion is not None and champion.version != str(version):
+    if champion is not None and str(champion.version) != str(version):
         champion_view = version_metrics(client, name, champion.version)["candidate"]
     results = evaluate_gates(views["candidate"], views["dense"], params, champion_view)
     for result in results:

@@ -167,7 +167,7 @@ def base_model_name(scheme: str, value: str) -> str:
 
 def copy_converted(source_text: str, eval_out: Path, text_out: Path) -> dict[str, int]:
     """Copy already-converted ``eval/`` and ``text/`` folders from ``dir:PATH``."""
-    source = parse_source(source_text, ("pypi", "dir"))
+    source = parse_source(source_text, ("pypi", "dir"), kind="data")
     root = Path(source.value).expanduser()
     counts: dict[str, int] = {}
     for name, out in (("eval", eval_out), ("text", text_out)):
@@ -301,7 +301,7 @@ def validate_alpaca(records: Any, origin: str) -> list[dict[str, str]]:
 
 def convert_instruct(source_text: str, cache_dir: Path, out_dir: Path) -> int:
     """Write the instruction data of ``source_text`` to ``out_dir/alpaca.json``."""
-    source = parse_source(source_text, DATA_SCHEMES)
+    source = parse_source(source_text, DATA_SCHEMES, kind="data")
     if source.scheme == "pypi":
         if source.value != "llamafactory":
             raise SourceError(

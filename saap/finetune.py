@@ -113,8 +113,8 @@ def split_records(records: list[dict], val_size: int, seed: int) -> tuple[list, 
     """Seeded split into training and held-out validation records."""
     if len(records) <= val_size:
         raise DataError(
-            f"{len(records)} instruction records cannot leave {val_size} for validation; "
-            "lower finetune.val_size or give more data"
+            f"{len(records)} instruction records cannot leave {val_size} for "
+            "validation; lower finetune.val_size or give more data"
         )
     order = torch.randperm(
         len(records), generator=torch.Generator().manual_seed(seed)
@@ -399,6 +399,7 @@ def train_lora(
             return None, None
     tokens_seen += session_tokens
     seconds = time.perf_counter() - started
+    peft_model.eval()
     if best_state is not None:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():

@@ -217,10 +217,10 @@ class GatesParams(Section):
     """Promotion gates for the registry's ``champion`` alias."""
 
     variant: Literal["pruned", "finetuned"] = Field(
-        "pruned", description="The compressed variant that is registered and gated."
+        "finetuned", description="The compressed variant that is registered and gated."
     )
     min_accuracy_retention: float = Field(
-        0.9, gt=0, description="Candidate mean accuracy / dense, at least."
+        0.9, ge=0, description="Candidate mean accuracy / dense, at least."
     )
     max_ppl_ratio: float = Field(
         2.0, gt=0, description="Candidate perplexity / dense, at most."
@@ -229,7 +229,7 @@ class GatesParams(Section):
         "ptb", description="Corpus of the perplexity gate."
     )
     min_decode_speedup: float = Field(
-        1.05, gt=0, description="Candidate decode tokens/s / dense, at least."
+        1.05, ge=0, description="Candidate decode tokens/s / dense, at least."
     )
     champion_tolerance: float = Field(
         0.005, ge=0, description="Allowed mean-accuracy drop against the champion."
@@ -239,11 +239,46 @@ class GatesParams(Section):
     )
 
 
+class FinetuneParams(Section):
+    """Recovery fine-tuning: LLM-Pruner's LoRA recipe or SAAP group fine-tuning."""
+
+    method: Literal["lora", "group"] = Field(
+        "group", description="lora (LLM-Pruner baseline) or group (SAAP)."
+    )
+    lora_r: int = Field(8, gt=0, description="LoRA rank (mean rank for group).")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha (2 x rank in group).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    num_groups: int = Field(3, gt=0, description="Layer groups for group fine-tuning.")
+    cutoff_len: int = Field(256, gt=8, description="Tokens per example, at most.")
+    train_on_inputs: bool = Field(True, description="Loss on prompt tokens too.")
+    val_size: int = Field(50, gt=0, description="Held-out records for validation.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(8, gt=0, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass.")
+    max_steps: int | None = Field(
+        30, gt=0, description="Optimizer steps (the token budget); null = epochs."
+    )
+    epochs: int = Field(1, gt=0, description="Epochs when max_steps is null.")
+    warmup_steps: int = Field(4, ge=0, description="Linear warm-up steps.")
+    eval_steps: int = Field(10, gt=0, description="Validate every N steps.")
+    save_steps: int = Field(10, gt=0, description="Resume checkpoint every N steps.")
+    seed: int = Field(0, description="Seed of data order, dropout and init.")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _divides_batch(cls, value: int, info) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % value:
+            raise ValueError(f"micro_batch_size {value} must divide batch_size {batch}")
+        return value
+
+
 SECTIONS: dict[str, type[Section]] = {
     "assets": AssetsParams,
     "calibration": CalibrationParams,
     "importance": ImportanceParams,
     "prune": PruneParams,
+    "finetune": FinetuneParams,
     "evaluate": EvaluateParams,
     "bench": BenchParams,
     "gates": GatesParams,

@@ -73,8 +73,11 @@ class Source:
         return f"{self.scheme}:{self.value}"
 
 
-def parse_source(text: str, schemes: tuple[str, ...] = MODEL_SCHEMES) -> Source:
-    """Split ``scheme:value`` and check the scheme and, for pypi, the package."""
+def parse_source(
+    text: str, schemes: tuple[str, ...] = MODEL_SCHEMES, kind: str = "model"
+) -> Source:
+    """Split ``scheme:value`` and check the scheme and, for pypi, the package;
+    a ``dir:`` model source must be a checkpoint folder (``kind="model"``)."""
     scheme, sep, value = text.partition(":")
     if not sep or not value:
         raise SourceError(
@@ -99,7 +102,7 @@ def parse_source(text: str, schemes: tuple[str, ...] = MODEL_SCHEMES) -> Source:
                 f"{scheme} source {value!r} does not exist; give an existing path "
                 f"(absolute, or relative to the project folder)"
             )
-        if scheme == "dir" and not (path / "config.json").is_file():
+        if scheme == "dir" and kind == "model" and not (path / "config.json").is_file():
             raise SourceError(
                 f"dir source {value!r} has no config.json; point it at a folder "
                 "written by save_pretrained (config.json + *.safetensors)"

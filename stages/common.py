@@ -31,6 +31,10 @@ def guarded(main: Callable[..., None]) -> Callable[..., None]:
             main(*args, **kwargs)
         except SaapError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            # the compress flow reads this to fail with the stage's own message
+            if path := os.environ.get("SAAP_STAGE_ERROR_FILE"):
+                with open(path, "a") as handle:
+                    handle.write(f"{type(exc).__name__}: {exc}\n")
             raise SystemExit(2) from None
 
     return wrapper

@@ -75,6 +75,15 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
             "prompts": ["the model"],
             "max_new_tokens": 4,
         },
+        finetune={
+            "max_steps": 2,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "val_size": 2,
+            "eval_steps": 1,
+            "save_steps": 1,
+            "cutoff_len": 64,
+        },
         bench={
             "prompt_len": 8,
             "decode_tokens": 4,
@@ -127,7 +136,7 @@ def test_full_flow_registers_and_promotes(project):
     assert summary["version"] == "1"
     assert summary["promoted"] is True
     assert "assets" in summary["stages_ran"] and "prune" in summary["stages_ran"]
-    for variant in ("dense", "pruned"):
+    for variant in ("dense", "pruned", "finetuned"):
         assert (project / f"metrics/eval/{variant}.json").is_file()
         assert (project / f"metrics/bench/{variant}.json").is_file()
     client, name = registry(project)
@@ -135,8 +144,8 @@ def test_full_flow_registers_and_promotes(project):
     assert version.tags["gates"] == "pass"
     assert version.tags["gate.accuracy_retention.verdict"] == "pass"
     assert client.get_registered_model(name).aliases == {
-        "candidate": "1",
-        "champion": "1",
+        "candidate": 1,
+        "champion": 1,
     }
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -157,25 +166,35 @@ def test_noop_rerun_runs_no_stage(project):
 
 def test_injected_failure_leaves_outputs_and_registry(project):
     pruned_before = tree_hash(project / "models/pruned")
+    finetuned_before = tree_hash(project / "models/finetuned")
     client, name = registry(project)
     versions_before = len(client.search_model_versions(f"name='{name}'"))
     set_params(project, prune={"ratio": 0.95, "max_layer_ratio": 0.5})
-    with pytest.raises(Exception, match="allow at most"):
+    with pytest.raises(
+        Exception, match="stage ranking failed: PruningError: ratio 0.95"
+    ):
         run_flow(project)
     assert tree_hash(project / "models/pruned") == pruned_before
+    assert tree_hash(project / "models/finetuned") == finetuned_before
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before
-    assert client.get_registered_model(name).aliases["champion"] == "1"
+    assert client.get_registered_model(name).aliases["champion"] == 1
 
 
 def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(project):
     set_params(
         project,
-        prune={"ratio": 0.3, "max_layer_ratio": 0.9},
+        prune={"ratio": 0.25, "max_layer_ratio": 0.9},
         gates={"min_decode_speedup": 1000.0},
     )
     summary = run_flow(project)
     ran = set(summary["stages_ran"])
-    assert {"ranking", "prune", "evaluate@pruned", "bench@pruned"} <= ran
+    assert {
+        "ranking",
+        "prune",
+        "finetune",
+        "evaluate@finetuned",
+        "bench@finetuned",
+    } <= ran
     assert not ran & {"assets", "calibration", "importance", "evaluate@dense"}
     assert summary["version"] == "2" and summary["promoted"] is False
     client, name = registry(project)
@@ -183,8 +202,8 @@ def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(projec
     assert version.tags["gate.decode_speedup.verdict"] == "fail"
     assert version.tags["gates"] == "fail"
     assert client.get_registered_model(name).aliases == {
-        "candidate": "2",
-        "champion": "1",
+        "candidate": 2,
+        "champion": 1,
     }
 
 
@@ -198,7 +217,7 @@ def test_promote_reapplies_gates(project):
         client, name, "2", load_section(project / "params.yaml", "gates")
     )
     assert promoted and all(r.passed for r in results)
-    assert client.get_registered_model(name).aliases["champion"] == "2"
+    assert client.get_registered_model(name).aliases["champion"] == 2
 
 
 def test_overlapping_run_waits_then_fails_cleanly(project):
