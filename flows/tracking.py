@@ -44,6 +44,9 @@ def tracking_uri(project: Path) -> str:
 
 def client_for(project: Path) -> MlflowClient:
     uri = tracking_uri(project)
+    # a down server should fail the run in seconds, not after minutes of backoff
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
