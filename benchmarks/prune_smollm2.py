@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from saap.calibration import load_calibration
-from saap.evaluation.report import corpus_windows
 from saap.evaluation.perplexity import perplexity
+from saap.evaluation.report import corpus_windows
 from saap.importance import collect_statistics
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, PruneParams
