@@ -5,7 +5,7 @@ of each estimator's 20% model.
 Usage (after ``dvc repro assets calibration``, i.e. models/base, data/text and
 data/calibration exist)::
 
-    .venv/bin/python benchmarks/prune_smollm2.py [--windows 300] [--out docs/bench_pruning.md]
+    .venv/bin/python benchmarks/prune_smollm2.py [--windows 300]
 """
 
 from __future__ import annotations
