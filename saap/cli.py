@@ -80,11 +80,19 @@ def repro(
 @app.command()
 def run(
     project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+    force: Annotated[
+        bool, typer.Option(help="Run the flow even if up to date")
+    ] = False,
 ) -> None:
     """Run the compress flow: DVC stages, MLflow logging, registry and gates.
 
-    Prefect's temporary local server is used unless PREFECT_API_URL is set.
+    Prefect's temporary local server is used unless PREFECT_API_URL is set. When
+    DVC reports every stage up to date and the registry already holds this model,
+    nothing would change: the run stops there (``--force`` runs the flow anyway).
     """
+    if not force and (summary := _up_to_date(project.resolve())) is not None:
+        typer.echo(json.dumps(summary, indent=2))
+        return
     _quiet_prefect()
     from flows.compress import compress
 
@@ -111,6 +119,38 @@ def deploy(
         f"deployment compress/nightly ({deployment_id}) on pool {pool}, cron "
         f"{cron!r}; start a worker with: prefect worker start --pool {pool}"
     )
+
+
+def _up_to_date(project: Path) -> dict | None:
+    """A summary if no stage is stale and the newest registered version is this
+    very model; None if the flow has work to do."""
+    import contextlib
+
+    from dvc.repo import Repo
+
+    if not (project / "dvc.lock").is_file():
+        return None
+    with contextlib.chdir(project), Repo(str(project)) as repo:
+        if repo.status():
+            return None
+    from flows import tracking
+
+    gates = _gates_params(project)
+    stage = "prune" if gates.variant == "pruned" else "finetune"
+    md5 = tracking.dvc_lock_hashes(project).get(f"{stage}:models/{gates.variant}")
+    client = tracking.client_for(project)
+    name = tracking.registered_name(project, gates)
+    latest = tracking.latest_version(client, name)
+    if latest is None or not md5 or latest.tags.get("model_md5") != md5:
+        return None
+    champion = tracking.champion_version(client, name)
+    return {
+        "registered_model": name,
+        "version": str(latest.version),
+        "champion": str(champion.version) if champion else None,
+        "stages_ran": [],
+        "note": "every stage is up to date and this model is already registered",
+    }
 
 
 def _quiet_prefect() -> None:

@@ -178,7 +178,7 @@ class EvaluateParams(Section):
         description="lm-eval tasks read from data/eval.",
     )
     limit: int | None = Field(
-        100, gt=0, description="First N documents per task; null = the full sets."
+        50, gt=0, description="First N documents per task; null = the full sets."
     )
     batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
     ppl_corpora: list[Literal["ptb", "wiki", "c4"]] = Field(
@@ -187,7 +187,7 @@ class EvaluateParams(Section):
     )
     ppl_seq_len: int = Field(128, gt=1, description="Tokens per perplexity window.")
     ppl_max_windows: int | None = Field(
-        300, gt=0, description="Windows per corpus; null = all."
+        200, gt=0, description="Windows per corpus; null = all."
     )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS),
@@ -256,7 +256,7 @@ class FinetuneParams(Section):
     batch_size: int = Field(8, gt=0, description="Examples per optimizer step.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass.")
     max_steps: int | None = Field(
-        30, gt=0, description="Optimizer steps (the token budget); null = epochs."
+        20, gt=0, description="Optimizer steps (the token budget); null = epochs."
     )
     epochs: int = Field(1, gt=0, description="Epochs when max_steps is null.")
     warmup_steps: int = Field(4, ge=0, description="Linear warm-up steps.")

@@ -159,9 +159,14 @@ def test_full_flow_registers_and_promotes(project):
 
 
 def test_noop_rerun_runs_no_stage(project):
+    from saap.cli import _up_to_date
+
     summary = run_flow(project)
     assert summary["stages_ran"] == []
     assert summary["version"] == "1"  # same model: no new version
+    # `saap run` sees that nothing would change and does not start the flow
+    quick = _up_to_date(project)
+    assert quick is not None and quick["version"] == "1" and quick["stages_ran"] == []
 
 
 def test_injected_failure_leaves_outputs_and_registry(project):
