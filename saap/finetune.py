@@ -126,7 +126,8 @@ def split_records(records: list[dict], val_size: int, seed: int) -> tuple[list, 
 
 def group_ranks(plan: dict, base_rank: int, num_groups: int) -> dict[int, int]:
     """LoRA rank per layer for SAAP group fine-tuning (see the module docstring)."""
-    ratios = [layer["ratio"] for layer in plan["layers"]]
+    # layers removed whole are gone from the model; the rest are renumbered
+    ratios = [layer["ratio"] for layer in plan["layers"] if not layer.get("removed")]
     order = sorted(range(len(ratios)), key=lambda i: -ratios[i])  # most pruned first
     groups = (
         [order[g::num_groups] for g in range(num_groups)]
@@ -174,12 +175,13 @@ def lora_config(params: FinetuneParams, num_layers: int, plan: dict | None):
 def check_against_plan(model, plan: dict) -> None:
     """The checkpoint must have the layer sizes the plan produced."""
     shapes = layer_shapes(model)
-    if len(shapes) != len(plan["layers"]):
+    kept = [layer for layer in plan["layers"] if not layer.get("removed")]
+    if len(shapes) != len(kept):
         raise PruningError(
-            f"checkpoint has {len(shapes)} layers, the plan {len(plan['layers'])}; "
+            f"checkpoint has {len(shapes)} layers, the plan keeps {len(kept)}; "
             "fine-tune the checkpoint the plan produced (re-run the prune stage)"
         )
-    for shape, layer in zip(shapes, plan["layers"], strict=True):
+    for shape, layer in zip(shapes, kept, strict=True):
         got = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
         want = (layer["num_heads"], layer["num_kv_heads"], layer["intermediate_size"])
         if got != want:

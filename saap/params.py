@@ -98,8 +98,10 @@ class PruneParams(Section):
         "saap",
         description="saap (fused taylor_vector + taylor_element1) or any estimator.",
     )
-    allocation: Literal["uniform", "global", "adaptive"] = Field(
-        "adaptive", description="uniform (LLM-Pruner), global (FLAP), adaptive (SAAP)."
+    allocation: Literal["uniform", "global", "adaptive", "layers"] = Field(
+        "adaptive",
+        description="uniform (LLM-Pruner), global (FLAP), adaptive (SAAP), layers "
+        "(ShortGPT: whole layers of lowest block influence, MLP channels top up).",
     )
     attention_unit: Literal["kv_group", "query_head"] = Field(
         "query_head",

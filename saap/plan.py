@@ -17,7 +17,7 @@ channels are kept. It is built from group scores in three steps:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -200,6 +200,52 @@ def global_threshold(
     return top_up(options, [(a, m) for a, m in steps], target)
 
 
+def remove_layers(
+    options: list[LayerOptions],
+    prunable: list[int],
+    block_influence: torch.Tensor,
+    target: int,
+) -> tuple[list[LayerOptions], list[int]]:
+    """ShortGPT: drop whole prunable layers, lowest block influence first, while the
+    removed parameters stay within ``target``; the remaining layers' MLP channels
+    then top the budget up."""
+    removed: list[int] = []
+    total = 0
+    for index in sorted(prunable, key=lambda i: float(block_influence[i])):
+        size = options[index].shape.num_params()
+        if total + size > target:
+            break
+        removed.append(index)
+        total += size
+    kept_options = [
+        replace(o, max_attn_steps=0, max_mlp_steps=0) if i in removed else o
+        for i, o in enumerate(options)
+    ]
+    return kept_options, sorted(removed)
+
+
+def removed_layer_entry(index: int, shape: LayerShape, scores: dict) -> dict:
+    """Plan entry of a layer removed whole."""
+    return {
+        "index": index,
+        "prunable": True,
+        "removed": True,
+        "attention_unit": "layer",
+        "ratio": 1.0,
+        "kept_heads": [],
+        "kept_kv_heads": [],
+        "kept_channels": [],
+        "num_heads": 0,
+        "num_kv_heads": 0,
+        "intermediate_size": 0,
+        "head_scores": scores["q_head"].tolist(),
+        "kv_group_scores": scores["kv_group"].tolist(),
+        "channel_scores": scores["mlp"].tolist(),
+        "layer_importance": None,
+        "fluctuation": None,
+    }
+
+
 def layer_ranking(
     scores: list[dict[str, torch.Tensor]],
     fluctuation: torch.Tensor,
@@ -240,6 +286,7 @@ def build_plan(
     params: PruneParams,
     ratio: float,
     fluctuation: torch.Tensor | None = None,
+    block_influence: torch.Tensor | None = None,
 ) -> dict:
     """The plan (a JSON-ready dict) that removes ``ratio`` of ``total_params``."""
     num_layers = len(shapes)
@@ -269,7 +316,16 @@ def build_plan(
             "lower the ratio, skip fewer layers or raise max_layer_ratio"
         )
     ranking = None
-    if params.allocation == "uniform" or ratio == 0:
+    removed_layers: list[int] = []
+    if params.allocation == "layers" and ratio > 0:
+        if block_influence is None:
+            raise PruningError("layer removal needs the block influence of each layer")
+        options, removed_layers = remove_layers(
+            options, prunable, block_influence, target
+        )
+        whole = sum(shapes[i].num_params() for i in removed_layers)
+        steps = top_up(options, [(0, 0) for _ in options], target - whole)
+    elif params.allocation == "uniform" or ratio == 0:
         weights = torch.tensor(
             [1.0 if i in prunable else 0.0 for i in range(num_layers)]
         )
@@ -287,10 +343,14 @@ def build_plan(
         weights[prunable] = relative
         steps = ratio_schedule(options, target, weights)
     removed = removed_params(options, steps)
+    removed += sum(shapes[i].num_params() for i in removed_layers)
     layers = []
     for index, (option, (attn_steps, mlp_steps)) in enumerate(
         zip(options, steps, strict=True)
     ):
+        if index in removed_layers:
+            layers.append(removed_layer_entry(index, option.shape, scores[index]))
+            continue
         shape = option.shape
         layer_scores = scores[index]
         if option.attn_unit == "query_head":
@@ -351,6 +411,7 @@ def build_plan(
         "allocation": params.allocation,
         "attention_unit": params.attention_unit,
         "prunable_layers": prunable,
+        "removed_layers": removed_layers,
         "layers": layers,
     }
 
@@ -374,7 +435,13 @@ def plan_from_scores(
 
     def make(ratio: float) -> dict:
         plan = build_plan(
-            shapes, group_scores, total_params, params, ratio, fluctuation
+            shapes,
+            group_scores,
+            total_params,
+            params,
+            ratio,
+            fluctuation,
+            scores.block_influence,
         )
         plan["sigmas"] = sigmas
         return plan

@@ -81,10 +81,14 @@ def prune_model(
         )
     new_shapes: list[LayerShape] = []
     new_layers: list[dict[str, nn.Linear]] = []
+    kept_layers: list[int] = []
     for index, (layer, shape, entry) in enumerate(
         zip(decoder_layers(model), shapes, plan["layers"], strict=True)
     ):
+        if entry.get("removed"):
+            continue
         check_layer_plan(entry, shape, index)
+        kept_layers.append(index)
         attn, mlp = layer.self_attn, layer.mlp
         hd = shape.head_dim
         q_rows = head_rows(entry["kept_heads"], hd)
@@ -135,11 +139,22 @@ def prune_model(
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         pruned = SaapLlamaForCausalLM(config)
-    state = {
-        key: value
-        for key, value in model.state_dict().items()
-        if ".self_attn." not in key and ".mlp." not in key
-    }
+    if not kept_layers:
+        raise PruningError("the plan removes every decoder layer; lower the ratio")
+    # layers are renumbered when whole layers are removed
+    new_index = {old: new for new, old in enumerate(kept_layers)}
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".self_attn." in key or ".mlp." in key:
+            continue
+        if key.startswith("model.layers."):
+            old = int(key.split(".")[2])
+            if old not in new_index:
+                continue
+            key = key.replace(
+                f"model.layers.{old}.", f"model.layers.{new_index[old]}.", 1
+            )
+        state[key] = value
     for index, modules in enumerate(new_layers):
         for name, linear in modules.items():
             part = (

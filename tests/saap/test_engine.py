@@ -277,3 +277,66 @@ def test_unsupported_architecture_is_named(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(PruningError, match="'gpt2' is not supported"):
         shapes(model)
+
+
+def test_layer_removal_drops_whole_layers(tiny_model_dir, windows, tmp_path):
+    model, tokenizer = load_model(tiny_model_dir)
+    scores = scores_for(model, windows, ["taylor_element1"])
+    total = count_params(model)
+    plan = plan_from_scores(
+        scores,
+        layer_shapes(model),
+        total,
+        params(allocation="layers", importance="taylor_element1", ratio=0.3),
+    )
+    # one layer (~33k of 167k parameters) goes whole, MLP channels top up the rest
+    assert len(plan["removed_layers"]) == 1
+    lowest = min(
+        plan["prunable_layers"], key=lambda i: float(scores.block_influence[i])
+    )
+    assert plan["removed_layers"] == [lowest]
+    pruned = prune_model(model, plan)
+    assert pruned.config.num_hidden_layers == 3
+    assert total - count_params(pruned) == plan["removed_params"]
+    assert abs(plan["removed_params"] - plan["target_removed"]) <= 192
+    save_checkpoint(pruned, tokenizer, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(windows).logits, pruned(windows).logits)
+    cached = reloaded.generate(windows[:1, :8], max_new_tokens=4, do_sample=False)
+    assert cached.shape == (1, 12)
+
+
+def test_performance_bound_picks_largest_ratio_under_it(tiny_model_dir, windows):
+    from saap.evaluation.perplexity import perplexity
+
+    model, _ = load_model(tiny_model_dir)
+    scores = scores_for(model, windows, ["taylor_element1"])
+    holdout = windows[:4]
+    dense = perplexity(model, holdout)
+
+    def held_back(plan):
+        return perplexity(prune_model(model, plan), holdout)
+
+    bound = dense * 1.05
+    plan = plan_from_scores(
+        scores,
+        layer_shapes(model),
+        count_params(model),
+        params(ratio=0.25, ppl_bound=bound, prune_attention=False),
+        held_back,
+    )
+    assert plan["holdout_ppl"] <= bound
+    assert plan["ratio_requested"] <= 0.25
+    # every tried ratio above the chosen one broke the bound
+    for trial in plan["ppl_search"]:
+        if trial["ratio"] > plan["ratio_requested"]:
+            assert trial["holdout_ppl"] > bound
+
+
+def test_short_calibration_text_is_refused():
+    from saap.data import sample_windows
+    from saap.errors import DataError
+
+    with pytest.raises(DataError, match="yields 2 non-overlapping windows of 8 tokens"):
+        sample_windows([list(range(10)), list(range(9))], 5, 8, seed=0)
