@@ -155,8 +155,7 @@ def track_and_promote(
     ):
         if key in hashes:
             tags[f"data.{key.split(':')[1]}"] = hashes[key]
-    stage = "prune" if gates.variant == "pruned" else "finetune"
-    tags["model_md5"] = hashes.get(f"{stage}:models/{gates.variant}", "")
+    tags["model_md5"] = tracking.model_md5(root, gates.variant)
     latest = tracking.latest_version(client, name)
     if latest is not None and tags["model_md5"]:
         if latest.tags.get("model_md5") == tags["model_md5"]:

@@ -109,6 +109,12 @@ def dvc_lock_hashes(project: Path) -> dict[str, str]:
     return hashes
 
 
+def model_md5(project: Path, variant: str) -> str:
+    """``dvc.lock`` hash of the checkpoint of ``variant`` (pruned or finetuned)."""
+    stage = "prune" if variant == "pruned" else "finetune"
+    return dvc_lock_hashes(project).get(f"{stage}:models/{variant}", "")
+
+
 def variant_metrics(project: Path, variant: str) -> dict:
     """The eval and bench JSON of a variant, as the stages wrote them."""
     metrics = {}

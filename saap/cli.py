@@ -136,8 +136,7 @@ def _up_to_date(project: Path) -> dict | None:
     from flows import tracking
 
     gates = _gates_params(project)
-    stage = "prune" if gates.variant == "pruned" else "finetune"
-    md5 = tracking.dvc_lock_hashes(project).get(f"{stage}:models/{gates.variant}")
+    md5 = tracking.model_md5(project, gates.variant)
     client = tracking.client_for(project)
     name = tracking.registered_name(project, gates)
     latest = tracking.latest_version(client, name)

@@ -231,16 +231,10 @@ def synthetic_eval_records(task: str, count: int) -> list[dict]:
 @pytest.fixture(scope="session")
 def eval_dir(tmp_path_factory) -> Path:
     """A ``data/eval`` folder of the seven tasks, 6 synthetic records each."""
+    from saap.assets import EVAL_TASKS
+
     out = tmp_path_factory.mktemp("eval")
-    for task in (
-        "boolq",
-        "piqa",
-        "hellaswag",
-        "winogrande",
-        "arc_easy",
-        "arc_challenge",
-        "openbookqa",
-    ):
+    for task in EVAL_TASKS:
         (out / f"{task}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in synthetic_eval_records(task, 6))
         )

@@ -118,14 +118,11 @@ def evaluate_zero_shot(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal"
     )
     with tempfile.TemporaryDirectory(prefix="saap-tasks-") as tmp:
-        names = write_task_configs(eval_dir, tasks, Path(tmp))
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=tmp, include_defaults=False)
+        loaded = task_objects(eval_dir, tasks, Path(tmp))
+        names = [TASK_PREFIX + task for task in loaded]
         output = simple_evaluate(
             model=lm,
-            tasks=names,
-            task_manager=manager,
+            tasks=list(loaded.values()),
             limit=limit,
             num_fewshot=0,
             log_samples=False,
