@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # CI runs the slow tests (real SmolLM2-135M downloads) too; locally `make test-all`
 PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run compare test test-all lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/saap run
+
+# the side-by-side comparison (docs/results.md); about an hour on 2 cores
+compare: $(STAMP)
+	$(BIN)/saap compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(if $(PYTEST_MARKERS),-m "$(PYTEST_MARKERS)") tests

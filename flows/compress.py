@@ -85,14 +85,17 @@ def _retry_transient(_task, _task_run, state) -> bool:
 
 
 def pipeline_stages(project: Path) -> list[str]:
-    """Stage names of ``dvc.yaml`` in dependency order."""
+    """Stage names of the project's ``dvc.yaml`` in dependency order (the
+    comparison pipeline in ``compare/dvc.yaml`` is not part of it)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with contextlib.chdir(project), Repo(str(project)) as repo:
         graph = repo.index.graph
         return [
-            stage.addressing for stage in reversed(list(nx.topological_sort(graph)))
+            stage.addressing
+            for stage in reversed(list(nx.topological_sort(graph)))
+            if ":" not in stage.addressing  # other dvc.yaml files: "path:stage"
         ]
 
 

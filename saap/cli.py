@@ -105,6 +105,33 @@ def run(
 
 
 @app.command()
+def compare(
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+    run_id: Annotated[
+        str | None,
+        typer.Option(help="Continue this comparison run (arms gathered are kept)"),
+    ] = None,
+    report_dir: Annotated[
+        str, typer.Option(help="Folder of results.md and figures/")
+    ] = "docs",
+) -> None:
+    """Run the compare flow: every method and ratio of params.yaml:compare as a
+    DVC experiment, gathered into docs/results.md, plots and MLflow runs."""
+    _quiet_prefect()
+    from flows.compare import compare as compare_flow
+
+    try:
+        summary = compare_flow(
+            project=str(project.resolve()), run_id=run_id, report_dir=report_dir
+        )
+    except SaapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    summary.pop("rows")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def deploy(
     cron: Annotated[str, typer.Option(help="Cron schedule")] = "0 2 * * *",
     pool: Annotated[str, typer.Option(help="Process work pool")] = "saap-process",

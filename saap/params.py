@@ -275,6 +275,81 @@ class FinetuneParams(Section):
         return value
 
 
+CompareMethod = Literal[
+    "dense",
+    "random",
+    "llm_pruner_vector",
+    "llm_pruner_element1",
+    "llm_pruner_element2",
+    "flap",
+    "wanda_sp",
+    "shortgpt",
+    "saap",
+]
+
+
+class CompareParams(Section):
+    """The side-by-side comparison (``saap compare``): which methods, ratios and
+    seeds, the recovery budget and the evaluation subset shared by every method.
+
+    ``method`` and ``ratio`` name the one arm that ``compare/dvc.yaml:arm`` runs;
+    the compare flow sets them per DVC experiment (``-S compare.method=...``).
+    """
+
+    method: CompareMethod = Field("saap", description="The arm run by the stage.")
+    ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio of that arm.")
+    methods: list[CompareMethod] = Field(
+        default_factory=lambda: [m for m in CompareMethod.__args__ if m != "dense"],
+        description="Methods the compare flow runs (dense is always added).",
+    )
+    ratios: list[float] = Field(
+        default_factory=lambda: [0.2, 0.5], description="Fractions of TOTAL params."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        description="Calibration seeds of the pruning-only rows (mean and spread).",
+    )
+    recover: list[CompareMethod] = Field(
+        default_factory=lambda: [
+            "llm_pruner_element1",
+            "wanda_sp",
+            "shortgpt",
+            "saap",
+        ],
+        description="Methods also fine-tuned (first seed): LoRA for baselines, "
+        "group and LoRA for saap.",
+    )
+    finetune_steps: int = Field(
+        8, gt=0, description="Recovery optimizer steps (finetune section otherwise)."
+    )
+    limit: int | None = Field(
+        20, gt=0, description="Zero-shot documents per task; null = full sets."
+    )
+    ppl_windows: int | None = Field(
+        64, gt=0, description="128-token perplexity windows on PTB and Wikipedia."
+    )
+    bench_repeats: int = Field(3, gt=0, description="Decode benchmark repeats.")
+    bench_decode_tokens: int = Field(32, gt=0, description="Tokens per repeat.")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0.0 < r < 1.0]
+        if bad or not value:
+            raise ValueError(
+                f"ratios {value} must be a non-empty list of values in (0, 1), e.g. "
+                "[0.2, 0.5]"
+            )
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"seeds {value} must be distinct and non-empty")
+        return value
+
+
 SECTIONS: dict[str, type[Section]] = {
     "assets": AssetsParams,
     "calibration": CalibrationParams,
@@ -284,6 +359,7 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateParams,
     "bench": BenchParams,
     "gates": GatesParams,
+    "compare": CompareParams,
 }
 
 

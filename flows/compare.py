@@ -1,0 +1,286 @@
+"""The ``compare`` flow: every method and ratio of ``params.yaml:compare`` as a
+separate DVC experiment of ``compare/dvc.yaml:arm``, gathered into
+``docs/results.md``, plots, and an MLflow parent run with one child per arm.
+
+Each arm is ``dvc exp run compare/dvc.yaml:arm -S compare.method=M -S
+compare.ratio=R --name cmp-<run>-<M>-<R>``, so every arm can be listed (``dvc exp
+show``), compared (``dvc exp diff``) and restored (``dvc exp apply``) later; the
+shared per-seed importance stage runs once and DVC skips it for later arms.
+``params.yaml`` is restored when the flow ends, whatever happens. A failed arm
+fails the flow with the stage's own message; rerunning with the same ``run_id``
+keeps the arms already gathered and continues with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from flows.compress import StageFailedError, _retry_transient, project_lock, repro_stage
+from saap.atomic import atomic_file, write_json
+from saap.compare import (
+    METHODS,
+    plot_accuracy_vs_params,
+    plot_kept_fraction_per_method,
+    results_table,
+    summarise,
+)
+from saap.params import CompareParams, load_section
+
+ARM_STAGE = "compare/dvc.yaml:arm"
+IMPORTANCE_STAGE = "compare/dvc.yaml:importance"
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+EXPERIMENT = "saap-compare"
+
+
+def arm_name(run_id: str, method: str, ratio: float) -> str:
+    return f"cmp-{run_id}-{method.replace('_', '-')}-{round(ratio * 100):02d}"
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
+def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> dict:
+    """One DVC experiment; returns the arm's metrics as DVC recorded them."""
+    logger = get_run_logger()
+    root = Path(project)
+    error_file = root / ".dvc" / "tmp" / f"saap-compare-error-{os.getpid()}.txt"
+    error_file.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        ARM_STAGE,
+        "--name",
+        name,
+        "-S",
+        f"compare.method={method}",
+        "-S",
+        f"compare.ratio={ratio}",
+    ]
+    env = os.environ | {
+        "SAAP_STAGE_ERROR_FILE": str(error_file),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=root, env=env, check=False)
+    if result.returncode != 0:
+        message = (
+            error_file.read_text().strip()
+            if error_file.is_file()
+            else f"`{' '.join(command[2:])}` exited with {result.returncode}"
+        )
+        error_file.unlink(missing_ok=True)
+        raise StageFailedError(f"arm {method} @ {ratio} failed: {message}")
+    record = json.loads((root / "metrics" / "compare" / "arm.json").read_text())
+    if record["method"] != method or (
+        method != "dense" and abs(record["ratio"] - ratio) > 1e-9
+    ):
+        raise StageFailedError(
+            f"experiment {name} wrote the metrics of {record['method']} @ "
+            f"{record['ratio']}, not of {method} @ {ratio}"
+        )
+    record["experiment"] = name
+    logger.info("arm %s @ %.2f: %.0f s", method, ratio, time.perf_counter() - started)
+    return record
+
+
+def _pass_seconds(rows: list[dict]) -> str:
+    values = [r["calibration_pass_s"] for r in rows if r.get("calibration_pass_s")]
+    return f"{sum(values) / len(values):.0f} s" if values else "(not recorded)"
+
+
+def write_report(
+    rows: list[dict],
+    params: CompareParams,
+    report_dir: Path,
+    run_id: str,
+    wall_s: float,
+    experiments: list[str],
+) -> Path:
+    """``results.md`` (the generated part between markers, text around it kept)
+    and the two plots under ``figures/``."""
+    figures = report_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name, plot in (
+        ("compare_accuracy_vs_params.png", plot_accuracy_vs_params),
+        ("compare_kept_fraction.png", plot_kept_fraction_per_method),
+    ):
+        with atomic_file(figures / name) as tmp:
+            plot(rows, tmp)
+    seeds = ", ".join(map(str, params.seeds))
+    generated = "\n".join(
+        [
+            BEGIN,
+            f"Comparison run `{run_id}`: `saap compare` (the `compare` flow), "
+            f"{wall_s / 60:.1f} min wall on this machine "
+            f"({os.cpu_count()} CPU threads), {len(experiments)} DVC experiments "
+            f"(`dvc exp show` lists them as `cmp-{run_id}-*`).",
+            "",
+            f"- Same for every method: calibration windows of seeds {seeds} "
+            "(pruning-only rows: mean ± sample std over the seeds); recovery on the "
+            f"first seed, {params.finetune_steps} optimizer steps of the finetune "
+            "section's batch (same tokens for every method); zero-shot on the first "
+            f"{params.limit or 'all'} documents of each task, perplexity on "
+            f"{params.ppl_windows or 'all'} windows of 128 tokens (PTB test; the "
+            "evaluation half of the Wikipedia prose).",
+            "- Decode speedup: batch-1 decode tokens/s with KV cache over the "
+            "dense model's (measured, one process per arm, median of "
+            f"{params.bench_repeats}) beside the ideal one (weight bytes read per "
+            "token). Prune s: ranking and slicing only (mean over seeds); the "
+            "statistics pass shared by all methods, which scores every estimator "
+            f"at once, took {_pass_seconds(rows)} per seed on top of it.",
+            "",
+            results_table(rows),
+            "",
+            "![accuracy vs parameters](figures/compare_accuracy_vs_params.png)",
+            "",
+            "![kept fraction per layer](figures/compare_kept_fraction.png)",
+            END,
+        ]
+    )
+    path = report_dir / "results.md"
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old:
+        text = old[: old.index(BEGIN)] + generated + old[old.index(END) + len(END) :]
+    else:
+        text = "# Side-by-side comparison\n\n" + generated + "\n"
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+@task
+def log_to_mlflow(
+    project: str, run_id: str, records: list[dict], rows: list[dict], report: str
+) -> str:
+    """A parent run with the report and plots, one child run per arm."""
+    from flows import tracking
+
+    root = Path(project)
+    client = tracking.client_for(root)
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = (
+        found.experiment_id
+        if found
+        else client.create_experiment(
+            EXPERIMENT,
+            artifact_location=None
+            if os.environ.get("MLFLOW_TRACKING_URI")
+            else (root.resolve() / "mlartifacts").as_uri(),
+        )
+    )
+    parent = client.create_run(experiment, run_name=f"compare-{run_id}")
+    pid = parent.info.run_id
+    for key, value in tracking.git_revision(root).items():
+        client.set_tag(pid, key, value)
+    report_path = Path(report)
+    client.log_artifact(pid, str(report_path))
+    for figure in sorted((report_path.parent / "figures").glob("compare_*.png")):
+        client.log_artifact(pid, str(figure), "figures")
+    for record in records:
+        name = record.get("experiment") or f"{record['method']}-{record['ratio']}"
+        child = client.create_run(
+            experiment,
+            run_name=name,
+            tags={"mlflow.parentRunId": pid, "dvc.experiment": name},
+        )
+        cid = child.info.run_id
+        client.log_param(cid, "method", record["method"])
+        client.log_param(cid, "ratio", record["ratio"])
+        if record["method"] in METHODS:
+            spec = METHODS[record["method"]]
+            client.log_param(cid, "importance", spec.importance)
+            client.log_param(cid, "allocation", spec.allocation)
+        for row in rows:
+            if row["method"] != record["method"] or row["ratio"] != record["ratio"]:
+                continue
+            prefix = row["recovery"] or "pruned"
+            metrics = {f"{prefix}.mean_acc": row["mean_acc"][0]}
+            metrics[f"{prefix}.mean_acc_std"] = row["mean_acc"][1]
+            for corpus, (mean, spread) in row["ppl"].items():
+                metrics[f"{prefix}.ppl.{corpus}"] = mean
+                metrics[f"{prefix}.ppl.{corpus}_std"] = spread
+            for task_name, (mean, _) in row["acc"].items():
+                metrics[f"{prefix}.acc.{task_name}"] = mean
+            metrics[f"{prefix}.params"] = row["params"]
+            for key in ("speedup_measured", "speedup_ideal", "decode_tokens_per_s"):
+                if key in row:
+                    metrics[key] = row[key]
+            for key, value in metrics.items():
+                client.log_metric(cid, key, float(value))
+        with_path = root / "artifacts" / "compare" / "runs" / run_id
+        arm_file = with_path / f"{record['method']}-{record['ratio']}.json"
+        if arm_file.is_file():
+            client.log_artifact(cid, str(arm_file))
+        client.set_terminated(cid, "FINISHED")
+    client.set_terminated(pid, "FINISHED")
+    return pid
+
+
+@flow(name="compare", log_prints=True)
+def compare(
+    project: str = ".",
+    run_id: str | None = None,
+    report_dir: str = "docs",
+    lock_timeout_s: float = 3600.0,
+) -> dict:
+    """Run every arm as a DVC experiment, gather, report, log to MLflow."""
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    params = load_section(root / "params.yaml", "compare")
+    run_id = run_id or time.strftime("%Y%m%d%H%M%S")
+    gathered = root / "artifacts" / "compare" / "runs" / run_id
+    gathered.mkdir(parents=True, exist_ok=True)
+    arms = [("dense", 0.0)] + [(m, r) for r in params.ratios for m in params.methods]
+    started = time.perf_counter()
+    records = []
+    params_file = root / "params.yaml"
+    original = params_file.read_bytes()
+    os.environ["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    with project_lock(root, lock_timeout_s):
+        try:
+            repro_stage(str(root), "assets")
+            repro_stage(str(root), IMPORTANCE_STAGE)
+            for method, ratio in arms:
+                path = gathered / f"{method}-{ratio}.json"
+                if path.is_file():
+                    logger.info("arm %s @ %s: gathered earlier, kept", method, ratio)
+                    records.append(json.loads(path.read_text()))
+                    continue
+                record = run_arm_experiment(
+                    str(root), method, ratio, arm_name(run_id, method, ratio)
+                )
+                write_json(path, record)
+                records.append(record)
+        finally:
+            params_file.write_bytes(original)
+    wall_s = time.perf_counter() - started
+    rows = summarise(records)
+    write_json(gathered / "rows.json", rows)
+    report = write_report(
+        rows,
+        params,
+        root / report_dir,
+        run_id,
+        wall_s,
+        [r.get("experiment", "") for r in records],
+    )
+    parent = log_to_mlflow(str(root), run_id, records, rows, str(report))
+    logger.info("comparison %s: %d arms in %.1f min", run_id, len(arms), wall_s / 60)
+    return {
+        "run_id": run_id,
+        "arms": len(arms),
+        "rows": rows,
+        "report": str(report),
+        "mlflow_parent_run": parent,
+        "wall_s": wall_s,
+    }

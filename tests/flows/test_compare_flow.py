@@ -1,0 +1,185 @@
+"""The compare flow for real: each arm a `dvc exp run -S ...` in a git + DVC
+repository in a temp folder, a Prefect flow run on the temporary local server,
+an MLflow parent run with children on SQLite; tiny fixture model and data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "saap-test",
+    "GIT_AUTHOR_EMAIL": "saap-test@localhost",
+    "GIT_COMMITTER_NAME": "saap-test",
+    "GIT_COMMITTER_EMAIL": "saap-test@localhost",
+}
+
+
+def set_params(project: Path, **sections) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_services(tmp_path_factory):
+    saved = dict(os.environ)
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.update(GIT_ENV)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
+    root = tmp_path_factory.mktemp("compare-project")
+    for name in ("saap", "stages", "flows", "compare"):
+        shutil.copytree(
+            ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    data = root.parent / f"{root.name}-data"
+    shutil.copytree(eval_dir, data / "eval")
+    shutil.copytree(text_dir, data / "text")
+    alpaca = data / "alpaca.json"
+    alpaca.write_text(
+        json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 8)
+    )
+    set_params(
+        root,
+        assets={
+            "model_source": f"dir:{tiny_model_dir}",
+            "data_source": f"dir:{data}",
+            "instruct_source": f"file:{alpaca}",
+        },
+        calibration={"num_samples": 8, "holdout_samples": 0, "seq_len": 32},
+        importance={"batch_size": 4},
+        prune={"skip_first": 1, "skip_last": 1},
+        evaluate={"batch_size": 4, "ppl_seq_len": 32},
+        finetune={
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "val_size": 2,
+            "cutoff_len": 64,
+        },
+        bench={"prompt_len": 8, "context_len": 16, "warmup": 1, "threads": 1},
+        compare={
+            "methods": ["random", "shortgpt", "saap"],
+            "ratios": [0.3],
+            "seeds": [0, 1],
+            "recover": ["saap"],
+            "finetune_steps": 2,
+            "limit": 4,
+            "ppl_windows": 4,
+            "bench_repeats": 2,
+            "bench_decode_tokens": 4,
+        },
+    )
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=root, check=True)
+    return root
+
+
+def test_compare_runs_each_arm_as_a_dvc_experiment_and_gathers(project):
+    from flows import tracking
+    from flows.compare import compare
+
+    params_before = (project / "params.yaml").read_bytes()
+    summary = compare(project=str(project), run_id="t1", report_dir="report")
+
+    # params.yaml is back as it was; every arm is a DVC experiment with its params
+    assert (project / "params.yaml").read_bytes() == params_before
+    import dvc.api
+
+    experiments = {
+        row["Experiment"]: row
+        for row in dvc.api.exp_show(repo=str(project))
+        if row.get("Experiment")
+    }
+    expected = {
+        "cmp-t1-dense-00": "dense",
+        "cmp-t1-random-30": "random",
+        "cmp-t1-shortgpt-30": "shortgpt",
+        "cmp-t1-saap-30": "saap",
+    }
+    for name, method in expected.items():
+        assert experiments[name]["compare.method"] == method
+        assert experiments[name]["method"] == method  # metrics/compare/arm.json
+
+    rows = summary["rows"]
+    by = {(r["method"], r["recovery"]): r for r in rows}
+    assert set(by) == {
+        ("dense", None),
+        ("random", None),
+        ("shortgpt", None),
+        ("saap", None),
+        ("saap", "group"),
+        ("saap", "lora"),
+    }
+    dense = by[("dense", None)]
+    for key, row in by.items():
+        assert row["ppl"]["ptb"][0] > 1.0
+        assert 0.0 <= row["mean_acc"][0] <= 1.0
+        if key[0] != "dense":
+            # about 30% of the parameters removed, from the same dense model
+            assert 0.6 < row["params"] / dense["params"] < 0.75
+            assert row["speedup_ideal"] > 1.2
+    assert by[("saap", None)]["n_seeds"] == 2
+    assert by[("shortgpt", None)]["removed_layers"]  # whole layers gone
+
+    report = (project / "report" / "results.md").read_text()
+    assert "| 30% | SAAP | group |" in report
+    assert (project / "report/figures/compare_accuracy_vs_params.png").stat().st_size
+    assert (project / "report/figures/compare_kept_fraction.png").stat().st_size
+
+    client = tracking.client_for(project)
+    experiment = client.get_experiment_by_name("saap-compare")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.info.run_id == summary["mlflow_parent_run"]][0]
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
+    assert len(children) == 4
+    saap = [c for c in children if c.data.params["method"] == "saap"][0]
+    assert {"pruned.ppl.ptb", "group.ppl.ptb", "lora.mean_acc"} <= set(
+        saap.data.metrics
+    )
+
+    # a rerun of the same comparison keeps what it gathered and adds no experiment
+    report_text = report
+    again = compare(project=str(project), run_id="t1", report_dir="report")
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in rows]
+    assert (project / "report" / "results.md").read_text().split("|", 1)[
+        1
+    ] == report_text.split("|", 1)[1]
+
+
+def test_failed_arm_fails_the_flow_and_restores_params(project):
+    from flows.compare import compare
+    from flows.compress import StageFailedError
+
+    set_params(project, compare={"methods": ["saap"], "ratios": [0.99]})
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(StageFailedError, match="0.99"):
+        compare(project=str(project), run_id="t2", report_dir="report")
+    assert (project / "params.yaml").read_bytes() == before

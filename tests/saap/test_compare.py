@@ -1,0 +1,141 @@
+"""The comparison's pieces on the tiny fixture: each method's plan, the
+attention fallback at high ratios, recovery choice, and the gathered table."""
+
+from __future__ import annotations
+
+import pytest
+
+from saap.compare import (
+    METHODS,
+    build_arm_plan,
+    prune_params_for,
+    recovery_methods,
+    results_table,
+    summarise,
+)
+from saap.errors import ParamsError
+from saap.importance import collect_statistics
+from saap.model import count_params, layer_shapes, load_model
+from saap.params import CompareParams, PruneParams, parse_section
+from saap.scores import scores_from_stats
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def model_and_scores(tiny_model_dir, windows):
+    model, _ = load_model(tiny_model_dir)
+    stats = collect_statistics(model, windows, batch_size=2, progress=False)
+    estimators = sorted({m.importance for m in METHODS.values()} - {"saap"})
+    scores = scores_from_stats(stats, estimators, seed=0, meta={"seconds": 1.0})
+    return model, scores
+
+
+BASE = PruneParams(skip_first=1, skip_last=1)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_meets_the_same_budget(model_and_scores, method):
+    model, scores = model_and_scores
+    total = count_params(model)
+    params = prune_params_for(method, 0.2, BASE)
+    plan = build_arm_plan(scores, layer_shapes(model), total, params)
+    assert plan["importance"] == METHODS[method].importance
+    assert plan["allocation"] == METHODS[method].allocation
+    assert plan["bias_compensation"] is METHODS[method].bias_compensation
+    assert abs(plan["achieved_ratio"] - 0.2) < 0.02
+
+
+def test_shortgpt_removes_whole_layers_once_the_budget_allows(model_and_scores):
+    model, scores = model_and_scores
+    total = count_params(model)
+    params = prune_params_for("shortgpt", 0.3, BASE)  # a layer is ~22% here
+    plan = build_arm_plan(scores, layer_shapes(model), total, params)
+    assert len(plan["removed_layers"]) == 1
+    assert abs(plan["achieved_ratio"] - 0.3) < 0.02
+
+
+def test_high_ratio_falls_back_to_attention_for_every_method(model_and_scores):
+    model, scores = model_and_scores
+    total = count_params(model)
+    shapes = layer_shapes(model)
+    low = build_arm_plan(scores, shapes, total, prune_params_for("saap", 0.1, BASE))
+    assert low["prune_attention"] is False
+    for method in ("saap", "llm_pruner_element1", "flap"):
+        plan = build_arm_plan(
+            scores, shapes, total, prune_params_for(method, 0.3, BASE)
+        )  # MLP channels of layers 1-2 allow at most 26% here
+        assert plan["prune_attention"] is True
+        assert abs(plan["achieved_ratio"] - 0.3) < 0.02
+
+
+def test_recovery_methods():
+    params = CompareParams(recover=["saap", "wanda_sp"])
+    assert recovery_methods("saap", params) == ["group", "lora"]
+    assert recovery_methods("wanda_sp", params) == ["lora"]
+    assert recovery_methods("flap", params) == []
+    assert recovery_methods("dense", params) == []
+
+
+def test_bad_compare_params_name_the_key():
+    with pytest.raises(ParamsError, match=r"compare\.ratios"):
+        parse_section("compare", {"ratios": [0.2, 1.5]})
+    with pytest.raises(ParamsError, match=r"compare\.methods"):
+        parse_section("compare", {"methods": ["llm_pruner"]})
+
+
+def _seed_row(ppl: float, acc: float, params: int = 70) -> dict:
+    return {
+        "params": params,
+        "ppl": {"ptb": ppl, "wiki": ppl / 2},
+        "acc": {"piqa": acc, "boolq": acc},
+        "mean_acc": acc,
+        "prune_s": 1.0,
+        "kept_fraction": [1.0, 0.5],
+        "removed_layers": [],
+    }
+
+
+def test_summary_reports_mean_and_spread_over_seeds():
+    bench = {"decode_tokens_per_s": 10.0, "weight_bytes_per_token": 100}
+    records = [
+        {
+            "method": "saap",
+            "label": "SAAP",
+            "ratio": 0.2,
+            "seeds": [_seed_row(10.0, 0.5), _seed_row(12.0, 0.7)],
+            "recovered": [
+                {
+                    "finetune": "group",
+                    "params": 70,
+                    "ppl": {"ptb": 9.0, "wiki": 4.5},
+                    "acc": {"piqa": 0.8, "boolq": 0.8},
+                    "mean_acc": 0.8,
+                    "finetune_s": 3.0,
+                    "tokens": 100,
+                }
+            ],
+            "bench": bench | {"weight_bytes_per_token": 80},
+        },
+        {
+            "method": "dense",
+            "label": "Dense",
+            "ratio": 0.0,
+            "seeds": [_seed_row(5.0, 0.9, params=100)],
+            "recovered": [],
+            "bench": bench,
+        },
+    ]
+    rows = summarise(records)
+    assert [(r["method"], r["recovery"]) for r in rows] == [
+        ("dense", None),
+        ("saap", None),
+        ("saap", "group"),
+    ]
+    saap = rows[1]
+    assert saap["ppl"]["ptb"][0] == pytest.approx(11.0)
+    assert saap["ppl"]["ptb"][1] == pytest.approx(2**0.5)  # sample std of 10, 12
+    assert saap["speedup_ideal"] == pytest.approx(1.25)
+    table = results_table(rows)
+    assert "| 20% | SAAP | - | 0.0 | 11.0 ± 1.4 |" in table
+    assert "| 20% | SAAP | group |" in table
