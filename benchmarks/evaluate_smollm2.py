@@ -45,12 +45,13 @@ def request_counts(eval_dir: Path, task: str, limit: int | None) -> tuple[int, i
         return len(docs), sum(len(loaded.doc_to_choice(doc)) for doc in docs)
 
 
-def report(results: dict, out: Path, command: str) -> None:
+def report(results: dict, out: Path) -> None:
+    commands = " then ".join(f"`{c}`" for c in results.get("commands", []))
     lines = [
         "# Evaluation time: SmolLM2-135M dense on this machine",
         "",
-        f"Command: `{command}` (bfloat16, 2 CPU threads, lm-eval batch size "
-        f"{results.get('batch_size')}).",
+        f"Commands: {commands} (bfloat16, 2 CPU threads, lm-eval batch size "
+        f"{results.get('batch_size')}; each run replaces the parts it measures).",
         "",
     ]
     default = results.get("default")
@@ -135,15 +136,15 @@ def main() -> None:
     params = load_section("params.yaml", "evaluate")
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if args.report_only:
-        report(results, args.out, results.get("command", command))
+        report(results, args.out)
         return
-    results["command"] = command
+    results.setdefault("commands", []).append(command)
     results["batch_size"] = params.batch_size
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
 
     def save() -> None:
         write_json(args.json, results)
-        report(results, args.out, command.strip())
+        report(results, args.out)
 
     if not args.skip_default:
         started = time.perf_counter()

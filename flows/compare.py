@@ -14,6 +14,7 @@ keeps the arms already gathered and continues with the rest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def write_report(
         [
             BEGIN,
             f"Comparison run `{run_id}`: `saap compare` (the `compare` flow), "
-            f"{wall_s / 60:.1f} min wall on this machine "
+            f"{wall_s / 60:.1f} min wall on this machine in all "
             f"({os.cpu_count()} CPU threads), {len(experiments)} DVC experiments "
             f"(`dvc exp show` lists them as `cmp-{run_id}-*`).",
             "",
@@ -233,6 +234,8 @@ def compare(
 ) -> dict:
     """Run every arm as a DVC experiment, gather, report, log to MLflow."""
     logger = get_run_logger()
+    # DVC's advice to `git add dvc.lock` after every stage is noise in a flow log
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
     root = Path(project).resolve()
     params = load_section(root / "params.yaml", "compare")
     run_id = run_id or time.strftime("%Y%m%d%H%M%S")
@@ -263,7 +266,14 @@ def compare(
                 records.append(record)
         finally:
             params_file.write_bytes(original)
-    wall_s = time.perf_counter() - started
+    # wall time of this comparison run over every invocation (a continued run
+    # adds the arms it ran)
+    meta_path = gathered / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["wall_s"] = meta.get("wall_s", 0.0) + time.perf_counter() - started
+    meta["invocations"] = meta.get("invocations", 0) + 1
+    write_json(meta_path, meta)
+    wall_s = meta["wall_s"]
     rows = summarise(records)
     write_json(gathered / "rows.json", rows)
     report = write_report(

@@ -64,6 +64,9 @@ METHODS: dict[str, Method] = {
     # filled with MLP channels by taylor_element1 (so the budget is met exactly)
     "shortgpt": Method("ShortGPT", "taylor_element1", "layers"),
     "saap": Method("SAAP", "saap", "adaptive"),
+    # SAAP with FLAP's bias compensation: the part that decides 50% (see
+    # docs/results.md, benchmarks/ablate_allocation.py)
+    "saap_bc": Method("SAAP + bias comp.", "saap", "adaptive", bias_compensation=True),
 }
 
 

@@ -285,6 +285,7 @@ CompareMethod = Literal[
     "wanda_sp",
     "shortgpt",
     "saap",
+    "saap_bc",
 ]
 
 

@@ -4,72 +4,24 @@ an MLflow parent run with children on SQLite; tiny fixture model and data."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from flowkit import copy_project, set_params
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "saap-test",
-    "GIT_AUTHOR_EMAIL": "saap-test@localhost",
-    "GIT_COMMITTER_NAME": "saap-test",
-    "GIT_COMMITTER_EMAIL": "saap-test@localhost",
-}
-
-
-def set_params(project: Path, **sections) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def isolated_services(tmp_path_factory):
-    saved = dict(os.environ)
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
-    os.environ.pop("PREFECT_API_URL", None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.update(GIT_ENV)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
     root = tmp_path_factory.mktemp("compare-project")
-    for name in ("saap", "stages", "flows", "compare"):
-        shutil.copytree(
-            ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    data = root.parent / f"{root.name}-data"
-    shutil.copytree(eval_dir, data / "eval")
-    shutil.copytree(text_dir, data / "text")
-    alpaca = data / "alpaca.json"
-    alpaca.write_text(
-        json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 8)
-    )
+    copy_project(root, tiny_model_dir, text_dir, eval_dir, extra=("compare",))
     set_params(
         root,
-        assets={
-            "model_source": f"dir:{tiny_model_dir}",
-            "data_source": f"dir:{data}",
-            "instruct_source": f"file:{alpaca}",
-        },
         calibration={"num_samples": 8, "holdout_samples": 0, "seq_len": 32},
         importance={"batch_size": 4},
         prune={"skip_first": 1, "skip_last": 1},

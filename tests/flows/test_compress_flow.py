@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from flowkit import copy_project, set_params
 
 pytestmark = pytest.mark.integration
 
@@ -29,38 +28,13 @@ def tree_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def set_params(project: Path, **sections) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
     """A copy of the pipeline (code, dvc.yaml, params.yaml) with tiny settings."""
     root = tmp_path_factory.mktemp("project")
-    for name in ("saap", "stages", "flows"):
-        shutil.copytree(
-            ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    data = root.parent / f"{root.name}-data"
-    shutil.copytree(eval_dir, data / "eval")
-    shutil.copytree(text_dir, data / "text")
-    alpaca = data / "alpaca.json"
-    alpaca.write_text(
-        json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 8)
-    )
+    copy_project(root, tiny_model_dir, text_dir, eval_dir)
     set_params(
         root,
-        assets={
-            "model_source": f"dir:{tiny_model_dir}",
-            "data_source": f"dir:{data}",
-            "instruct_source": f"file:{alpaca}",
-        },
         calibration={"num_samples": 8, "holdout_samples": 2, "seq_len": 32},
         importance={
             "batch_size": 2,
@@ -101,20 +75,6 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def isolated_services(tmp_path_factory):
-    """Prefect's temporary server and MLflow's SQLite store live in temp folders."""
-    saved = dict(os.environ)
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
-    os.environ.pop("PREFECT_API_URL", None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def run_flow(project: Path, **kwargs) -> dict:
