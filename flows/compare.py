@@ -70,6 +70,15 @@ def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> di
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     started = time.perf_counter()
+    # an experiment of this name left by an interrupted run (same baseline
+    # commit) would make `dvc exp run --name` refuse; it was never gathered
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "remove", name],
+        cwd=root,
+        env=env,
+        check=False,
+        capture_output=True,
+    )
     result = subprocess.run(command, cwd=root, env=env, check=False)
     if result.returncode != 0:
         message = (

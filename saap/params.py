@@ -312,13 +312,16 @@ class CompareParams(Section):
     )
     recover: list[CompareMethod] = Field(
         default_factory=lambda: [
+            "random",
+            "llm_pruner_vector",
             "llm_pruner_element1",
+            "llm_pruner_element2",
             "wanda_sp",
             "shortgpt",
             "saap",
         ],
         description="Methods also fine-tuned (first seed): LoRA for baselines, "
-        "group and LoRA for saap.",
+        "group and LoRA for saap (FLAP is retraining-free by design).",
     )
     finetune_steps: int = Field(
         8, gt=0, description="Recovery optimizer steps (finetune section otherwise)."
