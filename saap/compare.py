@@ -13,6 +13,8 @@ flow and gathered by :func:`gather` into rows, a Markdown table and plots.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import resource
@@ -289,14 +291,10 @@ def run_arm(
 
 
 def _copy(model):
-    import copy
-
     return copy.deepcopy(model)
 
 
 def _json(value) -> str:
-    import json
-
     return json.dumps(value, indent=1) + "\n"
 
 
