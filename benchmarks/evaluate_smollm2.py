@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from saap.atomic import write_json
-from saap.evaluation.bench import benchmark
+from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import BUILTIN_TASKS, evaluate_zero_shot, task_objects
 from saap.model import load_model
@@ -183,16 +183,7 @@ def main() -> None:
 
     bench_params = load_section("params.yaml", "bench")
     assert isinstance(bench_params, BenchParams)
-    results["bench"] = benchmark(
-        model,
-        args.model,
-        prompt_len=bench_params.prompt_len,
-        decode_tokens=bench_params.decode_tokens,
-        context_len=bench_params.context_len,
-        repeats=bench_params.repeats,
-        warmup=bench_params.warmup,
-        threads=bench_params.threads,
-    )
+    results["bench"] = benchmark_with(model, args.model, bench_params)
     save()
     print("bench", results["bench"], flush=True)
 

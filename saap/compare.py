@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from saap.errors import PruningError, SaapError
-from saap.evaluation.bench import benchmark
+from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.model import count_params, layer_shapes, save_checkpoint
 from saap.params import (
@@ -142,15 +142,12 @@ def bench_row(model, tokenizer, params: CompareParams, bench: BenchParams) -> di
     model = _copy(model).to(torch.bfloat16)
     with tempfile.TemporaryDirectory(prefix="saap-bench-") as tmp:
         save_checkpoint(model, tokenizer, Path(tmp))
-        return benchmark(
+        return benchmark_with(
             model,
             Path(tmp),
-            prompt_len=bench.prompt_len,
+            bench,
             decode_tokens=params.bench_decode_tokens,
-            context_len=bench.context_len,
             repeats=params.bench_repeats,
-            warmup=bench.warmup,
-            threads=bench.threads,
         )
 
 

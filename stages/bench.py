@@ -15,7 +15,7 @@ import resource
 from pathlib import Path
 
 from saap.atomic import write_json
-from saap.evaluation.bench import benchmark
+from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import torch_dtype
 from saap.model import load_model
 from saap.params import BenchParams, load_section
@@ -49,16 +49,7 @@ def run(
 ) -> dict:
     model, _ = load_model(model_dir, dtype=torch_dtype(params.dtype))
     metrics = {"schema": SCHEMA, "variant": variant, "checkpoint": str(model_dir)}
-    metrics |= benchmark(
-        model,
-        model_dir,
-        prompt_len=params.prompt_len,
-        decode_tokens=params.decode_tokens,
-        context_len=params.context_len,
-        repeats=params.repeats,
-        warmup=params.warmup,
-        threads=params.threads,
-    )
+    metrics |= benchmark_with(model, model_dir, params)
     # peak resident memory of this process: load + benchmark of this one model
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dense_path is not None:

@@ -117,3 +117,17 @@ def benchmark(
         "decode_tokens_per_s": 1.0 / decode_s,
         "decode_latency_ms": 1000 * decode_s,
     }
+
+
+def benchmark_with(model, checkpoint: Path, params, **overrides) -> dict:
+    """:func:`benchmark` with the settings of a ``bench`` params section
+    (``BenchParams``); ``overrides`` replace single settings (e.g. ``repeats``)."""
+    settings = {
+        "prompt_len": params.prompt_len,
+        "decode_tokens": params.decode_tokens,
+        "context_len": params.context_len,
+        "repeats": params.repeats,
+        "warmup": params.warmup,
+        "threads": params.threads,
+    } | overrides
+    return benchmark(model, checkpoint, **settings)
