@@ -30,7 +30,7 @@ from saap.atomic import write_json
 from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import BUILTIN_TASKS, evaluate_zero_shot, task_objects
-from saap.model import load_model
+from saap.model import compute_dtype, load_model
 from saap.params import BenchParams, load_section
 
 
@@ -133,14 +133,14 @@ def main() -> None:
     command = " ".join(["python benchmarks/evaluate_smollm2.py", *sys.argv[1:]])
     partial = {k: int(v) for k, v in (p.split("=") for p in args.partial)}
     torch.set_num_threads(2)
-    params = load_section("params.yaml", "evaluate")
+    params = load_section("params.yaml", "evaluate").resolved("quick")
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if args.report_only:
         report(results, args.out)
         return
     results.setdefault("commands", []).append(command)
     results["batch_size"] = params.batch_size
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    model, tokenizer = load_model(args.model, dtype=compute_dtype())
 
     def save() -> None:
         write_json(args.json, results)
@@ -148,7 +148,7 @@ def main() -> None:
 
     if not args.skip_default:
         started = time.perf_counter()
-        metrics = evaluate_model(
+        metrics, _ = evaluate_model(
             model, tokenizer, args.text, args.eval, params, "dense", str(args.model)
         )
         results["default"] = {
@@ -170,7 +170,7 @@ def main() -> None:
         started = time.perf_counter()
         scores = evaluate_zero_shot(
             model, tokenizer, args.eval, [task], limit, params.batch_size
-        )[task]
+        )[0][task]
         results["tasks"][task] = {
             "docs": docs,
             "docs_total": docs_total,

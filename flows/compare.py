@@ -97,8 +97,33 @@ def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> di
             f"{record['ratio']}, not of {method} @ {ratio}"
         )
     record["experiment"] = name
+    record["revision"] = code_revision(root)
     logger.info("arm %s @ %.2f: %.0f s", method, ratio, time.perf_counter() - started)
     return record
+
+
+def code_revision(root: Path) -> str:
+    """The code and params an arm ran with: git HEAD, plus a hash of the
+    uncommitted changes to tracked files and of params.yaml without the arm's own
+    method and ratio. One table is gathered from arms of one revision only."""
+    import hashlib
+
+    import yaml
+
+    def git(*args: str) -> bytes:
+        result = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, check=False
+        )
+        return result.stdout if result.returncode == 0 else b""
+
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    params.get("compare", {}).pop("method", None)
+    params.get("compare", {}).pop("ratio", None)
+    code = ("saap", "stages", "flows", "dvc.yaml", "compare/dvc.yaml")
+    digest = hashlib.sha256(git("diff", "HEAD", "--", *code))
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    head = git("rev-parse", "HEAD").decode().strip() or "no-git"
+    return f"{head[:12]}+{digest.hexdigest()[:12]}"
 
 
 def _pass_seconds(rows: list[dict]) -> str:
@@ -113,6 +138,7 @@ def write_report(
     run_id: str,
     wall_s: float,
     experiments: list[str],
+    revision: str = "?",
 ) -> Path:
     """``results.md`` (the generated part between markers, text around it kept)
     and the two plots under ``figures/``."""
@@ -139,7 +165,15 @@ def write_report(
             "section's batch (same tokens for every method); zero-shot on the first "
             f"{params.limit or 'all'} documents of each task, perplexity on "
             f"{params.ppl_windows or 'all'} windows of 128 tokens (PTB test; the "
-            "evaluation half of the Wikipedia prose).",
+            "evaluation half of the Wikipedia prose), KL to dense on "
+            f"{params.fidelity_windows} held-back C4 windows. Task columns are "
+            "acc_norm where the task defines it (PIQA, HellaSwag, ARC, OBQA), "
+            "acc otherwise (BoolQ, WinoGrande); mean score is their mean. "
+            "Retention: mean score / dense on the first seed's documents with a "
+            "paired bootstrap 95% interval; 'vs best of ratio': 'below best' only "
+            "where the paired difference to the best row of that ratio excludes 0, "
+            "else 'not separated'. Every arm ran at one code revision "
+            f"(`{revision}`).",
             "- Decode speedup: batch-1 decode tokens/s with KV cache over the "
             "dense model's (measured, one process per arm, median of "
             f"{params.bench_repeats}) beside the ideal one (weight bytes read per "
@@ -214,6 +248,11 @@ def log_to_mlflow(
             prefix = row["recovery"] or "pruned"
             metrics = {f"{prefix}.mean_acc": row["mean_acc"][0]}
             metrics[f"{prefix}.mean_acc_std"] = row["mean_acc"][1]
+            if row.get("kl"):
+                metrics[f"{prefix}.kl"] = row["kl"][0]
+            for key in ("value", "lower", "upper"):
+                if row.get("retention"):
+                    metrics[f"{prefix}.retention.{key}"] = row["retention"][key]
             for corpus, (mean, spread) in row["ppl"].items():
                 metrics[f"{prefix}.ppl.{corpus}"] = mean
                 metrics[f"{prefix}.ppl.{corpus}_std"] = spread
@@ -262,12 +301,22 @@ def compare(
         try:
             repro_stage(str(root), "assets")
             repro_stage(str(root), IMPORTANCE_STAGE)
+            revision = code_revision(root)
             for method, ratio in arms:
                 path = gathered / f"{method}-{ratio}.json"
                 if path.is_file():
-                    logger.info("arm %s @ %s: gathered earlier, kept", method, ratio)
-                    records.append(json.loads(path.read_text()))
-                    continue
+                    earlier = json.loads(path.read_text())
+                    if earlier.get("revision") == revision:
+                        logger.info("arm %s @ %s: kept (same revision)", method, ratio)
+                        records.append(earlier)
+                        continue
+                    logger.info(
+                        "arm %s @ %s was gathered under revision %s, not %s: re-run",
+                        method,
+                        ratio,
+                        earlier.get("revision"),
+                        revision,
+                    )
                 record = run_arm_experiment(
                     str(root), method, ratio, arm_name(run_id, method, ratio)
                 )
@@ -292,6 +341,7 @@ def compare(
         run_id,
         wall_s,
         [r.get("experiment", "") for r in records],
+        revision,
     )
     parent = log_to_mlflow(str(root), run_id, records, rows, str(report))
     logger.info("comparison %s: %d arms in %.1f min", run_id, len(arms), wall_s / 60)

@@ -159,17 +159,21 @@ def track_and_promote(
         if key in hashes:
             tags[f"data.{key.split(':')[1]}"] = hashes[key]
     tags["model_md5"] = tracking.model_md5(root, gates.variant)
+    gated = _gate_ungated(client, name, gates)
     latest = tracking.latest_version(client, name)
     if latest is not None and tags["model_md5"]:
         if latest.tags.get("model_md5") == tags["model_md5"]:
-            # the same model as the newest version: nothing new to register or gate
+            # the same model as the newest version: nothing new to register
+            latest = client.get_model_version(name, latest.version)
             champion = tracking.champion_version(client, name)
             return {
                 "registered_model": name,
                 "version": str(latest.version),
                 "promoted": champion is not None
                 and str(champion.version) == str(latest.version),
-                "gates": "unchanged (same model as the newest version)",
+                "gates": gated.get(str(latest.version))
+                or "unchanged (same model as the newest version)",
+                "gated_earlier_versions": sorted(gated),
             }
     version = tracking.register_version(
         client, mlflow_run_id, root, name, gates.variant, tags
@@ -180,7 +184,20 @@ def track_and_promote(
         "version": str(version.version),
         "promoted": promoted,
         "gates": {r.name: r.as_dict() for r in results},
+        "gated_earlier_versions": sorted(gated),
     }
+
+
+def _gate_ungated(client, name: str, gates: GatesParams) -> dict[str, dict]:
+    """Gate every version that was registered but never gated (its run died
+    between the two), oldest first, with this run's thresholds."""
+    from flows import tracking
+
+    done = {}
+    for stale in tracking.ungated_versions(client, name):
+        results, _ = tracking.apply_gates(client, name, stale.version, gates)
+        done[str(stale.version)] = {r.name: r.as_dict() for r in results}
+    return done
 
 
 @flow(name="compress", log_prints=True)

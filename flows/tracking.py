@@ -14,16 +14,19 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from saap.errors import SaapError
 from saap.gates import GateResult, evaluate_gates
-from saap.params import GatesParams
+from saap.params import GatesParams, parse_section
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +119,28 @@ def model_md5(project: Path, variant: str) -> str:
 
 
 def variant_metrics(project: Path, variant: str) -> dict:
-    """The eval and bench JSON of a variant, as the stages wrote them."""
+    """The eval, per-document and bench JSON of a variant, as the stages wrote
+    them: ``{"eval", "documents", "bench"}``."""
+    files = {
+        "eval": project / "metrics" / "eval" / f"{variant}.json",
+        "documents": project / "metrics" / "eval" / f"{variant}.documents.json",
+        "bench": project / "metrics" / "bench" / f"{variant}.json",
+    }
     metrics = {}
-    for kind in ("eval", "bench"):
-        path = project / "metrics" / kind / f"{variant}.json"
+    for kind, path in files.items():
         if not path.is_file():
             raise RegistryError(
-                f"{path} is missing; the {kind} stage of {variant} writes it"
+                f"{path} is missing; the {path.parent.name} stage of {variant} "
+                "writes it (dvc repro)"
             )
         metrics[kind] = json.loads(path.read_text())
     return metrics
+
+
+def _interval_metrics(prefix: str, interval: dict | None, out: dict) -> None:
+    if interval:
+        for key in ("value", "lower", "upper"):
+            out[f"{prefix}.{key}"] = interval[key]
 
 
 def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
@@ -135,12 +150,15 @@ def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
     for corpus, value in evaluation["perplexity"].items():
         out[f"{variant}.ppl.{corpus}"] = value
     for task, scores in evaluation["zero_shot"].items():
-        for name in ("acc", "acc_norm"):
+        for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
             if name in scores:
                 out[f"{variant}.{name}.{task}"] = scores[name]
     if evaluation["mean_acc"] is not None:
         out[f"{variant}.mean_acc"] = evaluation["mean_acc"]
     out[f"{variant}.params"] = evaluation["params"]
+    if fidelity := evaluation.get("fidelity"):
+        _interval_metrics(f"{variant}.fidelity.kl", fidelity["kl"], out)
+        _interval_metrics(f"{variant}.fidelity.top1", fidelity["top1_agreement"], out)
     for key in (
         "decode_tokens_per_s",
         "prefill_tokens_per_s",
@@ -151,8 +169,12 @@ def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
         "weight_bytes_per_token",
     ):
         out[f"{variant}.{key}"] = bench[key]
-    for key, value in (bench.get("speedup_vs_dense") or {}).items():
-        out[f"{variant}.speedup.{key}"] = value
+    speedup = bench.get("speedup_vs_dense") or {}
+    for kind in ("decode", "prefill"):
+        _interval_metrics(f"{variant}.speedup.{kind}", speedup.get(kind), out)
+    for key in ("decode_ideal", "macs_ratio"):
+        if key in speedup:
+            out[f"{variant}.speedup.{key}"] = speedup[key]
     return out
 
 
@@ -211,12 +233,17 @@ def log_run(
         # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages look like bench@pruned
         client.set_tag(run_id, "dvc." + re.sub(r"[^\w\-. :/]", ".", key), value)
     all_metrics = {variant: variant_metrics(project, variant) for variant in variants}
-    for variant, metrics in all_metrics.items():
-        for key, value in flat_metrics(variant, metrics).items():
-            client.log_metric(run_id, key, float(value))
-        client.log_artifact(
-            run_id, str(project / "metrics/eval" / f"{variant}.json"), "eval"
-        )
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key, float(value), now, 0)
+        for variant, metrics in all_metrics.items()
+        for key, value in flat_metrics(variant, metrics).items()
+    ]
+    for start in range(0, len(batch), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+    for variant in all_metrics:
+        for name in (f"{variant}.json", f"{variant}.documents.json"):
+            client.log_artifact(run_id, str(project / "metrics/eval" / name), "eval")
         client.log_artifact(
             run_id, str(project / "metrics/bench" / f"{variant}.json"), "bench"
         )
@@ -262,30 +289,56 @@ def register_version(
     return version
 
 
-def version_metrics(client: MlflowClient, name: str, version: str) -> dict:
-    """Candidate and dense metric dicts of a registered version, from its run."""
-    model_version = client.get_model_version(name, version)
-    run = client.get_run(model_version.run_id)
-    metrics = run.data.metrics
+def version_evidence(client: MlflowClient, name: str, version: str) -> dict:
+    """Candidate and dense ``{"eval", "documents", "bench"}`` of a registered
+    version, read back from its run's artifacts (what its stages wrote)."""
+    model_version = get_version(client, name, version)
     variant = model_version.tags.get("variant", "pruned")
+    wanted = {
+        "candidate": {
+            "eval": f"eval/{variant}.json",
+            "documents": f"eval/{variant}.documents.json",
+            "bench": f"bench/{variant}.json",
+        },
+        "dense": {
+            "eval": "eval/dense.json",
+            "documents": "eval/dense.documents.json",
+            "bench": "bench/dense.json",
+        },
+    }
+    evidence: dict = {"candidate": {}, "dense": {}}
+    with tempfile.TemporaryDirectory(prefix="saap-gates-") as tmp:
+        for who, files in wanted.items():
+            for kind, artifact in files.items():
+                try:
+                    local = client.download_artifacts(
+                        model_version.run_id, artifact, tmp
+                    )
+                except Exception:  # noqa: BLE001 - missing artifact: gate fails
+                    log.warning("v%s has no artifact %s", version, artifact)
+                    evidence[who][kind] = {}
+                    continue
+                evidence[who][kind] = json.loads(Path(local).read_text())
+    return evidence
 
-    def variant_view(prefix: str) -> dict:
-        return {
-            "eval": {
-                "mean_acc": metrics.get(f"{prefix}.mean_acc"),
-                "params": metrics.get(f"{prefix}.params"),
-                "perplexity": {
-                    key.split(".")[-1]: value
-                    for key, value in metrics.items()
-                    if key.startswith(f"{prefix}.ppl.")
-                },
-            },
-            "bench": {
-                "decode_tokens_per_s": metrics.get(f"{prefix}.decode_tokens_per_s")
-            },
-        }
 
-    return {"candidate": variant_view(variant), "dense": variant_view("dense")}
+def get_version(client: MlflowClient, name: str, version: str):
+    """A registered version by number or alias, or one clear error."""
+    try:
+        if str(version).isdigit():
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, str(version))
+    except MlflowException:
+        try:
+            versions = client.search_model_versions(f"name='{name}'")
+            known = sorted(int(v.version) for v in versions)
+            aliases = client.get_registered_model(name).aliases
+        except MlflowException:
+            known, aliases = [], {}
+        raise RegistryError(
+            f"registered model {name!r} has no version or alias {version!r}; "
+            f"versions: {known or 'none'}, aliases: {aliases or 'none'}"
+        ) from None
 
 
 def latest_version(client: MlflowClient, name: str):
@@ -303,31 +356,72 @@ def champion_version(client: MlflowClient, name: str):
         return None
 
 
+def ungated_versions(client: MlflowClient, name: str) -> list:
+    """Versions registered without a gates verdict (a run that died between
+    registering and gating), oldest first: the next run gates them."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    return sorted(
+        (v for v in versions if "gates" not in v.tags), key=lambda v: int(v.version)
+    )
+
+
+def recorded_gates_params(model_version) -> GatesParams | None:
+    """The thresholds a version was gated with (tag ``gates.params``), if any."""
+    raw = model_version.tags.get("gates.params")
+    return parse_section("gates", json.loads(raw)) if raw else None
+
+
 def apply_gates(
-    client: MlflowClient, name: str, version: str, params: GatesParams
+    client: MlflowClient,
+    name: str,
+    version: str,
+    params: GatesParams,
+    thresholds_source: str = "params.yaml",
 ) -> tuple[list[GateResult], bool]:
-    """Compute every gate, record value and verdict as version tags, and move the
-    ``champion`` alias to ``version`` only if all pass."""
-    views = version_metrics(client, name, version)
+    """Compute every gate, record value, interval, threshold and verdict as
+    version tags, and move ``champion`` to ``version`` only if all pass."""
+    version = str(version)
+    evidence = version_evidence(client, name, version)
     champion = champion_version(client, name)
-    champion_view = None
-    if champion is not None and str(champion.version) != str(version):
-        champion_view = version_metrics(client, name, champion.version)["candidate"]
-    results = evaluate_gates(views["candidate"], views["dense"], params, champion_view)
+    champion_evidence = None
+    if champion is not None and str(champion.version) != version:
+        champion_evidence = version_evidence(client, name, champion.version)[
+            "candidate"
+        ]
+    results = evaluate_gates(
+        evidence["candidate"], evidence["dense"], params, champion_evidence
+    )
+    tags = {
+        "eval_config_hash": str(
+            evidence["candidate"].get("eval", {}).get("eval_config_hash")
+        ),
+        "eval_profile": str(evidence["candidate"].get("eval", {}).get("profile")),
+        "gates.params": json.dumps(params.model_dump()),
+        "gates.thresholds_source": thresholds_source,
+        "gates.champion_compared": str(champion.version)
+        if champion_evidence is not None
+        else "none",
+    }
     for result in results:
         prefix = f"gate.{result.name}"
-        client.set_model_version_tag(
-            name, version, f"{prefix}.value", str(result.value)
-        )
-        client.set_model_version_tag(
-            name, version, f"{prefix}.threshold", str(result.threshold)
-        )
-        client.set_model_version_tag(
-            name, version, f"{prefix}.verdict", "pass" if result.passed else "fail"
-        )
+        tags |= {
+            f"{prefix}.value": str(result.value),
+            f"{prefix}.lower": str(result.lower),
+            f"{prefix}.upper": str(result.upper),
+            f"{prefix}.threshold": str(result.threshold),
+            f"{prefix}.mode": f"{result.direction}/{result.mode}",
+            f"{prefix}.verdict": "pass" if result.passed else "fail",
+            f"{prefix}.detail": result.detail[:4000],
+        }
     promoted = all(result.passed for result in results)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    # the verdict last: a version with a `gates` tag has every gate recorded
     client.set_model_version_tag(name, version, "gates", "pass" if promoted else "fail")
     if promoted:
-        client.set_registered_model_alias(name, "champion", str(version))
+        client.set_registered_model_alias(name, "champion", version)
     log.info("gates of %s v%s: %s", name, version, "pass" if promoted else "fail")
     return results, promoted

@@ -158,7 +158,9 @@ def _up_to_date(project: Path) -> dict | None:
     if not (project / "dvc.lock").is_file():
         return None
     with contextlib.chdir(project), Repo(str(project)) as repo:
-        if repo.status():
+        # the project's own pipeline only: compare/dvc.yaml's lock records
+        # whichever comparison arm ran last, so it is always "changed"
+        if repo.status(targets=["dvc.yaml"]):
             return None
     from flows import tracking
 
@@ -191,34 +193,42 @@ def _gates_params(project: Path):
     return load_section(project / "params.yaml", "gates")
 
 
+_GATE_FIELDS = ("value", "lower", "upper", "mode", "threshold", "detail")
+
+
 @app.command()
 def gates(
     version: Annotated[str, typer.Option(help="Registered version")] = "candidate",
     project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
 ) -> None:
-    """Show the recorded gate values and verdicts of a registered version."""
+    """Show the recorded gate values, intervals and verdicts of a version."""
     from flows import tracking
 
     project = project.resolve()
-    client = tracking.client_for(project)
-    name = tracking.registered_name(project, _gates_params(project))
-    model_version = (
-        client.get_model_version_by_alias(name, version)
-        if not version.isdigit()
-        else client.get_model_version(name, version)
-    )
+    try:
+        client = tracking.client_for(project)
+        name = tracking.registered_name(project, _gates_params(project))
+        model_version = tracking.get_version(client, name, version)
+    except SaapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     tags = dict(model_version.tags)
     typer.echo(
         f"{name} v{model_version.version} ({tags.get('method', '?')}, "
-        f"ratio {tags.get('ratio', '?')}): gates {tags.get('gates', 'not applied')}"
+        f"ratio {tags.get('ratio', '?')}, profile {tags.get('eval_profile', '?')}, "
+        f"eval config {tags.get('eval_config_hash', '?')}): gates "
+        f"{tags.get('gates', 'not applied')} "
+        f"(thresholds from {tags.get('gates.thresholds_source', '?')})"
     )
     for key in sorted(
         k for k in tags if k.startswith("gate.") and k.endswith(".verdict")
     ):
         gate = key.removeprefix("gate.").removesuffix(".verdict")
+        field = {f: tags.get(f"gate.{gate}.{f}") for f in _GATE_FIELDS}
         typer.echo(
-            f"  {gate:20s} {tags[key]:4s} value {tags.get(f'gate.{gate}.value')} "
-            f"threshold {tags.get(f'gate.{gate}.threshold')}"
+            f"  {gate:20s} {tags[key]:4s} {field['value']} [{field['lower']}, "
+            f"{field['upper']}] {field['mode']} {field['threshold']}: "
+            f"{field['detail']}"
         )
     aliases = client.get_registered_model(name).aliases
     typer.echo(f"aliases: {aliases}")
@@ -228,22 +238,50 @@ def gates(
 def promote(
     version: Annotated[str, typer.Argument(help="Registered version number")],
     project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+    use_params: Annotated[
+        bool,
+        typer.Option(
+            "--use-params",
+            help="Gate with params.yaml's thresholds instead of the ones recorded "
+            "when the version was gated",
+        ),
+    ] = False,
+    lock_timeout_s: Annotated[float, typer.Option(help="Wait for the lock")] = 60.0,
 ) -> None:
-    """Re-apply the gates (thresholds from params.yaml) to a version; move
-    ``champion`` to it if every gate passes."""
+    """Re-apply the gates to a version (under the project lock, with the
+    thresholds recorded when it was gated); move ``champion`` if all pass."""
     from flows import tracking
+    from flows.compress import project_lock
 
     project = project.resolve()
-    client = tracking.client_for(project)
-    params = _gates_params(project)
-    name = tracking.registered_name(project, params)
-    results, promoted = tracking.apply_gates(client, name, version, params)
+    try:
+        with project_lock(project, lock_timeout_s):
+            client = tracking.client_for(project)
+            current = _gates_params(project)
+            name = tracking.registered_name(project, current)
+            model_version = tracking.get_version(client, name, version)
+            recorded = tracking.recorded_gates_params(model_version)
+            if use_params or recorded is None:
+                params, source = current, "params.yaml"
+            else:
+                params, source = recorded, "recorded"
+            results, promoted = tracking.apply_gates(
+                client, name, model_version.version, params, source
+            )
+    except SaapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"thresholds: {source}")
     for result in results:
         typer.echo(
             f"  {result.name:20s} {'pass' if result.passed else 'FAIL'} "
-            f"value {result.value} threshold {result.threshold}"
+            f"{result.value} [{result.lower}, {result.upper}] "
+            f"{result.direction} {result.threshold} ({result.mode}): {result.detail}"
         )
-    typer.echo(f"{name} v{version}: {'champion' if promoted else 'champion unchanged'}")
+    typer.echo(
+        f"{name} v{model_version.version}: "
+        f"{'champion' if promoted else 'champion unchanged'}"
+    )
     if not promoted:
         raise typer.Exit(1)
 

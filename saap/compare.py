@@ -24,16 +24,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from saap.errors import PruningError, SaapError
 from saap.evaluation.bench import benchmark_with
+from saap.evaluation.intervals import paired_difference, paired_ratio
 from saap.evaluation.report import evaluate_model
-from saap.model import count_params, layer_shapes, save_checkpoint
+from saap.model import compute_dtype, count_params, layer_shapes, save_checkpoint
 from saap.params import (
     BenchParams,
     CompareParams,
     EvaluateParams,
+    EvaluationSettings,
     FinetuneParams,
     PruneParams,
 )
@@ -42,7 +44,7 @@ from saap.prune import prune_model
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "saap.compare-arm/v1"
+SCHEMA = "saap.compare-arm/v2"
 
 
 @dataclass(frozen=True)
@@ -112,26 +114,40 @@ def build_arm_plan(scores, shapes, total: int, params: PruneParams) -> dict:
 
 def compare_evaluate_params(
     params: CompareParams, evaluate: EvaluateParams
-) -> EvaluateParams:
-    """The evaluate section (tasks, batch size, window length) with the
-    comparison's subset: ``compare.limit`` documents per task, PTB and wiki
-    perplexity on ``compare.ppl_windows`` windows, no generations."""
-    return evaluate.model_copy(
+) -> EvaluationSettings:
+    """The evaluation settings (tasks, batch size, window length of the active
+    profile) with the comparison's subset: ``compare.limit`` documents per task,
+    PTB and wiki perplexity on ``compare.ppl_windows`` windows, fidelity to the
+    dense model on ``compare.fidelity_windows`` windows, no generations."""
+    return evaluate.resolved().model_copy(
         update={
             "limit": params.limit,
+            "task_limits": {},
             "ppl_corpora": ["ptb", "wiki"],
             "ppl_max_windows": params.ppl_windows,
+            "fidelity_windows": params.fidelity_windows,
             "prompts": [],
         }
     )
 
 
-def evaluation_row(metrics: dict) -> dict:
+def evaluation_row(metrics: dict, documents: dict) -> dict:
+    """The numbers of one evaluation a comparison row needs, with the
+    per-document results of each task's reported metric (for paired intervals)."""
+    zero_shot = metrics["zero_shot"]
+    fidelity = metrics["fidelity"]
     return {
         "params": metrics["params"],
         "ppl": metrics["perplexity"],
-        "acc": {t: s["acc"] for t, s in metrics["zero_shot"].items()},
+        "acc": {t: s[s["metric"]] for t, s in zero_shot.items()},
+        "metric": {t: s["metric"] for t, s in zero_shot.items()},
         "mean_acc": metrics["mean_acc"],
+        "kl": fidelity["kl"] if fidelity else None,
+        "top1": fidelity["top1_agreement"]["value"] if fidelity else None,
+        "documents": {
+            t: documents["zero_shot"][t][s["metric"]] for t, s in zero_shot.items()
+        },
+        "eval_config_hash": metrics["eval_config_hash"],
         "seconds": metrics["seconds"],
     }
 
@@ -139,7 +155,7 @@ def evaluation_row(metrics: dict) -> dict:
 def bench_row(model, tokenizer, params: CompareParams, bench: BenchParams) -> dict:
     """Edge metrics of a bf16 copy of ``model`` (saved to a temporary folder for
     its on-disk size)."""
-    model = _copy(model).to(torch.bfloat16)
+    model = _copy(model).to(compute_dtype())
     with tempfile.TemporaryDirectory(prefix="saap-bench-") as tmp:
         save_checkpoint(model, tokenizer, Path(tmp))
         return benchmark_with(
@@ -177,12 +193,22 @@ def run_arm(
     eval_params = compare_evaluate_params(params, evaluate_base)
     started_arm = time.perf_counter()
 
+    dtype = compute_dtype()
+    reference = None if method == "dense" else _copy(base_model).to(dtype)
+
     def evaluate(model, variant: str) -> dict:
-        model = _copy(model).to(torch.bfloat16)  # the float32 model stays as it is
-        metrics = evaluate_model(
-            model, tokenizer, text_dir, eval_dir, eval_params, variant, method
+        model = _copy(model).to(dtype)  # the float32 model stays as it is
+        metrics, documents = evaluate_model(
+            model,
+            tokenizer,
+            text_dir,
+            eval_dir,
+            eval_params,
+            variant,
+            method,
+            reference=reference,
         )
-        return evaluation_row(metrics)
+        return evaluation_row(metrics, documents)
 
     record: dict = {
         "schema": SCHEMA,
@@ -309,13 +335,17 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values)
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """One row per (method, ratio, recovery): means and spreads over seeds."""
+def summarise(records: list[dict], resamples: int = 2000) -> list[dict]:
+    """One row per (method, ratio, recovery): means and spreads over seeds; the
+    first seed's (or the recovered model's) zero-shot retention against dense
+    with a paired bootstrap interval, and whether it is separated from the best
+    row of its ratio (paired difference interval excluding 0)."""
     dense = next((r for r in records if r["method"] == "dense"), None)
-    rows = []
+    rows, row_docs = [], []
     for record in sorted(records, key=_order):
         seeds = record["seeds"]
         tasks = list(seeds[0]["acc"])
+        kls = [s["kl"]["value"] for s in seeds if s.get("kl")]
         row = {
             "method": record["method"],
             "label": record["label"],
@@ -327,7 +357,9 @@ def summarise(records: list[dict]) -> list[dict]:
                 c: _mean_spread([s["ppl"][c] for s in seeds]) for c in seeds[0]["ppl"]
             },
             "acc": {t: _mean_spread([s["acc"][t] for s in seeds]) for t in tasks},
+            "metric": seeds[0].get("metric", {}),
             "mean_acc": _mean_spread([s["mean_acc"] for s in seeds]),
+            "kl": _mean_spread(kls) if kls else None,
             "prune_s": _mean_spread([s.get("prune_s", 0.0) for s in seeds]),
             "calibration_pass_s": seeds[0].get("calibration_pass_s"),
             "prune_attention": seeds[0].get("prune_attention"),
@@ -345,6 +377,7 @@ def summarise(records: list[dict]) -> list[dict]:
                 / bench["weight_bytes_per_token"]
             )
         rows.append(row)
+        row_docs.append(seeds[0].get("documents"))
         for recovered in record["recovered"]:
             rows.append(
                 row
@@ -355,11 +388,49 @@ def summarise(records: list[dict]) -> list[dict]:
                     "ppl": {c: (v, 0.0) for c, v in recovered["ppl"].items()},
                     "acc": {t: (v, 0.0) for t, v in recovered["acc"].items()},
                     "mean_acc": (recovered["mean_acc"], 0.0),
+                    "kl": (recovered["kl"]["value"], 0.0)
+                    if recovered.get("kl")
+                    else None,
                     "finetune_s": recovered["finetune_s"],
                     "tokens": recovered["tokens"],
                 }
             )
+            row_docs.append(recovered.get("documents"))
+    dense_docs = dense["seeds"][0].get("documents") if dense else None
+    if dense_docs:
+        _add_intervals(rows, row_docs, dense_docs, resamples)
     return rows
+
+
+def _add_intervals(rows, row_docs, dense_docs, resamples: int) -> None:
+    """Retention vs dense and separation from the best row of each ratio."""
+    as_arrays = lambda docs: {t: np.asarray(v) for t, v in docs.items()}  # noqa: E731
+    dense_arrays = as_arrays(dense_docs)
+    for row, docs in zip(rows, row_docs, strict=True):
+        if docs:
+            row["retention"] = paired_ratio(
+                as_arrays(docs), dense_arrays, resamples
+            ).as_dict()
+    for ratio in {r["ratio"] for r in rows if r["method"] != "dense"}:
+        members = [
+            i
+            for i, r in enumerate(rows)
+            if r["ratio"] == ratio and r["method"] != "dense" and row_docs[i]
+        ]
+        if not members:
+            continue
+        best = max(members, key=lambda i: rows[i]["mean_acc"][0])
+        for i in members:
+            if i == best:
+                rows[i]["vs_best"] = "best"
+                continue
+            diff = paired_difference(
+                as_arrays(row_docs[i]), as_arrays(row_docs[best]), resamples
+            )
+            rows[i]["vs_best"] = (
+                "below best" if diff.upper < 0 else "not separated"
+            )
+            rows[i]["vs_best_difference"] = diff.as_dict()
 
 
 def _order(record: dict) -> tuple:
@@ -386,11 +457,12 @@ def results_table(rows: list[dict]) -> str:
         "openbookqa": "OBQA",
     }
     head = (
-        "| ratio | method | recovery | params (M) | PTB ppl | Wiki ppl | "
+        "| ratio | method | recovery | params (M) | PTB ppl | Wiki ppl | KL to dense | "
         + " | ".join(short.get(t, t) for t in tasks)
-        + " | mean acc | decode speedup measured / ideal | prune s |"
+        + " | mean score | retention [95% CI] | vs best of ratio "
+        "| decode speedup measured / ideal | prune s |"
     )
-    lines = [head, "|" + "---|" * (len(tasks) + 9)]
+    lines = [head, "|" + "---|" * (len(tasks) + 12)]
     for row in rows:
         speed = (
             f"{row['speedup_measured']:.2f} / {row['speedup_ideal']:.2f}"
@@ -398,12 +470,21 @@ def results_table(rows: list[dict]) -> str:
             else "-"
         )
         prune_s = "-" if row["method"] == "dense" else f"{row['prune_s'][0]:.1f}"
+        kl = _pm(row["kl"], 3) if row.get("kl") else "-"
+        retention = row.get("retention")
+        retention_text = (
+            f"{retention['value']:.3f} [{retention['lower']:.3f}, "
+            f"{retention['upper']:.3f}]"
+            if retention and row["method"] != "dense"
+            else "-"
+        )
         lines.append(
             f"| {row['ratio']:.0%} | {row['label']} | {row['recovery'] or '-'} | "
             f"{row['params'] / 1e6:.1f} | {_pm(row['ppl']['ptb'], 1)} | "
-            f"{_pm(row['ppl']['wiki'], 1)} | "
+            f"{_pm(row['ppl']['wiki'], 1)} | {kl} | "
             + " | ".join(_pm(row["acc"][t], 3) for t in tasks)
-            + f" | {_pm(row['mean_acc'], 3)} | {speed} | {prune_s} |"
+            + f" | {_pm(row['mean_acc'], 3)} | {retention_text} | "
+            f"{row.get('vs_best', '-')} | {speed} | {prune_s} |"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ Two methods share one training loop and one token budget:
   the adapters have the same total rank (and so about the same trainable
   parameters) as plain LoRA. Capacity goes where the pruning did its damage.
 
-Training runs on CPU under bfloat16 autocast with float32 master weights. A
+Training runs under bfloat16 autocast with float32 master weights where the
+hardware has native bfloat16 (AMX, AVX512-BF16, CUDA), in float32 elsewhere. A
 resume checkpoint (adapters, optimizer, scheduler, RNG state, best validation)
 is written every ``save_steps``; a rerun with the same settings continues from
 it. The adapters of the best validation step are merged into the weights, so the
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saap.errors import DataError, PruningError
-from saap.model import layer_shapes
+from saap.model import layer_shapes, native_bfloat16
 from saap.params import FinetuneParams
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def validation_loss(model, val: list[Example], micro_batch: int, pad_id: int) ->
     total, count = 0.0, 0
     for start in range(0, len(val), micro_batch):
         batch = collate(val[start : start + micro_batch], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=native_bfloat16()):
             loss = model(**batch).loss
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total += float(loss) * tokens
@@ -372,7 +373,7 @@ def train_lora(
                 [train[i] for i in indices[start : start + params.micro_batch_size]],
                 pad_id,
             )
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", torch.bfloat16, enabled=native_bfloat16()):
                 loss = peft_model(**micro).loss / accumulation
             loss.backward()
             step_loss += float(loss.detach())

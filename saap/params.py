@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from saap.errors import ParamsError
 
@@ -172,15 +179,76 @@ DEFAULT_PROMPTS = [
 ]
 
 
-class EvaluateParams(Section):
-    """Zero-shot tasks, perplexity corpora and generation samples."""
+class ProfileSettings(Section):
+    """How much data one evaluation profile reads (``evaluate.profiles``)."""
 
+    limit: int | None = Field(
+        50, gt=0, description="First N documents per task; null = the full sets."
+    )
+    task_limits: dict[TaskName, int] = Field(
+        default_factory=dict,
+        description="Per-task caps that override `limit` (e.g. hellaswag: 3000).",
+    )
+    ppl_max_windows: int | None = Field(
+        200, gt=0, description="Perplexity windows per corpus; null = all."
+    )
+    fidelity_windows: int = Field(
+        64, gt=0, description="Held-back windows for KL to dense and top-1 agreement."
+    )
+
+
+class EvaluationSettings(Section):
+    """One evaluation, resolved from ``evaluate`` and its active profile: what
+    :func:`saap.evaluation.report.evaluate_model` reads."""
+
+    profile: str
+    tasks: list[TaskName]
+    limit: int | None
+    task_limits: dict[TaskName, int] = Field(default_factory=dict)
+    batch_size: int
+    ppl_corpora: list[Literal["ptb", "wiki", "c4"]]
+    ppl_seq_len: int
+    ppl_max_windows: int | None
+    fidelity_corpus: Literal["wiki", "c4"]
+    fidelity_windows: int
+    prompts: list[str]
+    max_new_tokens: int
+    dtype: Literal["auto", "bfloat16", "float32"]
+    resamples: int
+    seed: int
+
+    def limit_of(self, task: str) -> int | None:
+        return self.task_limits.get(task, self.limit)
+
+    def config_payload(self) -> dict:
+        """What decides the numbers (not the generation samples): hashed into the
+        eval-config hash that keeps gates from comparing unlike evaluations."""
+        return self.model_dump(exclude={"prompts", "max_new_tokens", "profile"})
+
+
+def _default_profiles() -> dict[str, ProfileSettings]:
+    return {
+        "quick": ProfileSettings(limit=50, ppl_max_windows=200, fidelity_windows=64),
+        "nightly": ProfileSettings(
+            limit=None, ppl_max_windows=None, fidelity_windows=256
+        ),
+    }
+
+
+class EvaluateParams(Section):
+    """Zero-shot tasks, perplexity corpora, fidelity and generation samples; the
+    amount of data comes from the active profile (quick or nightly)."""
+
+    profile: str = Field(
+        "quick", description="Active profile: a key of `profiles` (quick, nightly)."
+    )
+    profiles: dict[str, ProfileSettings] = Field(
+        default_factory=_default_profiles,
+        description="Named amounts of data: quick (make run) and nightly (full sets).",
+    )
     tasks: list[TaskName] = Field(
         default_factory=lambda: list(TaskName.__args__),
         description="lm-eval tasks read from data/eval.",
-    )
-    limit: int | None = Field(
-        50, gt=0, description="First N documents per task; null = the full sets."
     )
     batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
     ppl_corpora: list[Literal["ptb", "wiki", "c4"]] = Field(
@@ -188,53 +256,107 @@ class EvaluateParams(Section):
         description="Perplexity corpora (evaluation halves; PTB test whole).",
     )
     ppl_seq_len: int = Field(128, gt=1, description="Tokens per perplexity window.")
-    ppl_max_windows: int | None = Field(
-        200, gt=0, description="Windows per corpus; null = all."
+    fidelity_corpus: Literal["wiki", "c4"] = Field(
+        "c4",
+        description="Held-back text of the fidelity metric (its evaluation half, "
+        "which no stage calibrates or trains on).",
     )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS),
         description="Prompts for greedy generation samples.",
     )
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt.")
-    dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="Evaluation dtype on CPU."
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Evaluation dtype: auto = bfloat16 where the CPU has it natively "
+        "(AMX, AVX512-BF16), else float32; recorded in the eval-config hash.",
     )
+    resamples: int = Field(
+        2000, ge=100, description="Bootstrap resamples of every interval."
+    )
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> EvaluateParams:
+        if self.profile not in self.profiles:
+            raise ValueError(
+                f"profile {self.profile!r} is not defined; choose one of "
+                f"{sorted(self.profiles)} or add it under evaluate.profiles"
+            )
+        return self
+
+    def resolved(self, profile: str | None = None) -> EvaluationSettings:
+        """The settings of ``profile`` (default: the active one)."""
+        name = profile or self.profile
+        if name not in self.profiles:
+            raise ParamsError(
+                f"evaluation profile {name!r} is not defined; choose one of "
+                f"{sorted(self.profiles)}"
+            )
+        chosen = self.profiles[name]
+        return EvaluationSettings(
+            profile=name,
+            **self.model_dump(exclude={"profile", "profiles"}),
+            **chosen.model_dump(),
+        )
 
 
 class BenchParams(Section):
     """Edge benchmark settings: batch 1, KV cache, fixed threads."""
 
     prompt_len: int = Field(64, gt=0, description="Prompt tokens for prefill.")
-    decode_tokens: int = Field(64, gt=0, description="Tokens decoded per repeat.")
+    decode_tokens: int = Field(32, gt=0, description="Tokens decoded per repeat.")
     context_len: int = Field(128, gt=0, description="Context for MACs per token.")
-    repeats: int = Field(5, gt=0, description="Timed repeats; medians reported.")
+    repeats: int = Field(
+        12,
+        ge=2,
+        description="Timed repeats (interleaved with dense for a speedup); medians "
+        "reported, the speedup interval bootstraps the repeat pairs.",
+    )
     warmup: int = Field(1, ge=0, description="Untimed warm-up runs.")
     threads: int = Field(2, gt=0, description="torch threads (recorded).")
-    dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="Benchmark dtype on CPU."
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Benchmark dtype: auto as for evaluate."
     )
 
 
 class GatesParams(Section):
-    """Promotion gates for the registry's ``champion`` alias."""
+    """Promotion gates for the registry's ``champion`` alias. A gate passes only
+    when its interval's bound clears the threshold (see saap/gates.py)."""
 
     variant: Literal["pruned", "finetuned"] = Field(
         "finetuned", description="The compressed variant that is registered and gated."
     )
     min_accuracy_retention: float = Field(
-        0.9, ge=0, description="Candidate mean accuracy / dense, at least."
+        0.9, ge=0, description="Candidate macro-mean zero-shot score / dense, at least."
+    )
+    accuracy_decides_in: list[str] = Field(
+        default_factory=lambda: ["nightly"],
+        description="Profiles in which the accuracy gates decide; in the others "
+        "they block only clear damage (whole interval below the threshold).",
+    )
+    max_half_width: float = Field(
+        0.03,
+        gt=0,
+        description="Where accuracy decides, a wider retention interval fails closed.",
     )
     max_ppl_ratio: float = Field(
         2.0, gt=0, description="Candidate perplexity / dense, at most."
     )
     ppl_corpus: Literal["ptb", "wiki", "c4"] = Field(
-        "ptb", description="Corpus of the perplexity gate."
+        "ptb", description="Corpus of the perplexity gates."
+    )
+    max_kl: float = Field(
+        0.6, gt=0, description="Mean KL(dense || candidate) per token (nats), at most."
     )
     min_decode_speedup: float = Field(
         1.05, ge=0, description="Candidate decode tokens/s / dense, at least."
     )
     champion_tolerance: float = Field(
-        0.005, ge=0, description="Allowed mean-accuracy drop against the champion."
+        0.005, ge=0, description="Allowed paired accuracy drop against the champion."
+    )
+    champion_ppl_tolerance: float = Field(
+        0.02, ge=0, description="Allowed perplexity increase against the champion."
     )
     registered_model: str | None = Field(
         None, description="Registry name; default saap-<base model name>."
@@ -331,6 +453,9 @@ class CompareParams(Section):
     )
     ppl_windows: int | None = Field(
         64, gt=0, description="128-token perplexity windows on PTB and Wikipedia."
+    )
+    fidelity_windows: int = Field(
+        64, gt=0, description="Held-back windows for KL to the dense model."
     )
     bench_repeats: int = Field(3, gt=0, description="Decode benchmark repeats.")
     bench_decode_tokens: int = Field(32, gt=0, description="Tokens per repeat.")

@@ -1,23 +1,22 @@
 """DVC stage ``bench``: the edge benchmark of one checkpoint, written to
-``metrics/bench/<variant>.json``; with ``--dense`` (the dense model's bench JSON)
-the measured and ideal speedups over the dense model are added.
+``metrics/bench/<variant>.json``; with ``--dense`` (the dense checkpoint) the
+candidate and the dense model are timed interleaved in this process and the
+speedups, with their intervals, are added beside the ideal one.
 
 Usage: ``python -m stages.bench --variant pruned --model models/pruned
---out metrics/bench/pruned.json [--dense metrics/bench/dense.json]``
+--out metrics/bench/pruned.json [--dense models/base]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 from pathlib import Path
 
 from saap.atomic import write_json
-from saap.evaluation.bench import benchmark_with
-from saap.evaluation.report import torch_dtype
-from saap.model import load_model
+from saap.evaluation.bench import benchmark_with, interleaved_speedup
+from saap.model import load_model, torch_dtype
 from saap.params import BenchParams, load_section
 from stages.common import guarded, setup
 
@@ -26,38 +25,22 @@ log = logging.getLogger("stages.bench")
 SCHEMA = "saap.bench/v1"
 
 
-def add_speedups(metrics: dict, dense: dict) -> dict:
-    """Measured speedups over ``dense`` beside the ideal (weight bytes) one."""
-    metrics["speedup_vs_dense"] = {
-        "decode_measured": metrics["decode_tokens_per_s"]
-        / dense["decode_tokens_per_s"],
-        "prefill_measured": metrics["prefill_tokens_per_s"]
-        / dense["prefill_tokens_per_s"],
-        "decode_ideal": dense["weight_bytes_per_token"]
-        / metrics["weight_bytes_per_token"],
-        "macs_ratio": dense["macs_per_token"] / metrics["macs_per_token"],
-    }
-    return metrics
-
-
 def run(
     params: BenchParams,
     variant: str,
     model_dir: Path,
     out: Path,
-    dense_path: Path | None,
+    dense_dir: Path | None,
 ) -> dict:
-    model, _ = load_model(model_dir, dtype=torch_dtype(params.dtype))
+    dtype = torch_dtype(params.dtype)
+    model, _ = load_model(model_dir, dtype=dtype)
     metrics = {"schema": SCHEMA, "variant": variant, "checkpoint": str(model_dir)}
     metrics |= benchmark_with(model, model_dir, params)
-    # peak resident memory of this process: load + benchmark of this one model
+    if dense_dir is not None:
+        dense, _ = load_model(dense_dir, dtype=dtype)
+        metrics["speedup_vs_dense"] = interleaved_speedup(model, dense, params)
+    # peak resident memory of this process: load + benchmark
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if dense_path is not None:
-        if not dense_path.is_file():
-            raise FileNotFoundError(
-                f"{dense_path} is missing; run the bench stage of the dense model first"
-            )
-        add_speedups(metrics, json.loads(dense_path.read_text()))
     write_json(out, metrics)
     return metrics
 
@@ -80,6 +63,16 @@ def main(argv: list[str] | None = None) -> None:
         metrics["decode_tokens_per_s"],
         metrics["prefill_tokens_per_s"],
     )
+    if speedup := metrics.get("speedup_vs_dense"):
+        decode = speedup["decode"]
+        log.info(
+            "%s: decode speedup %.3f [%.3f, %.3f] (ideal %.3f), interleaved",
+            args.variant,
+            decode["value"],
+            decode["lower"],
+            decode["upper"],
+            speedup["decode_ideal"],
+        )
 
 
 if __name__ == "__main__":

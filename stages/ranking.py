@@ -16,7 +16,7 @@ import torch
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
 from saap.evaluation.perplexity import perplexity
-from saap.model import count_params, layer_shapes, load_model
+from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import plan_from_scores, plot_kept_fraction
 from saap.prune import prune_model
@@ -36,10 +36,10 @@ def run(
         windows = load_calibration(calibration_dir).get("holdout_ids")
         if windows is None:
             raise ValueError("prune.ppl_bound needs calibration.holdout_samples > 0")
-        model_bf16 = model
+        dtype = compute_dtype()
 
         def holdout(plan: dict) -> float:
-            return perplexity(prune_model(model_bf16, plan).to(torch.bfloat16), windows)
+            return perplexity(prune_model(model, plan).to(dtype), windows)
 
     plan = plan_from_scores(
         scores, layer_shapes(model), count_params(model), params, holdout

@@ -4,17 +4,24 @@ Speeds are medians over repeats after a warm-up, with the thread count fixed and
 recorded. Beside each measured speedup the report gives the ideal one: decoding
 a token at batch 1 reads every weight once, so the bytes of weights read per
 token, dense over pruned, bound the speedup a memory-bound runtime can reach.
+
+A speedup is only measured *interleaved*: the dense model and the candidate are
+timed in the same process, alternating repeat by repeat (the order swapped each
+round), so drift of the machine hits both alike; the interval is a bootstrap
+over the repeat pairs (:func:`interleaved_speedup`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from saap.evaluation.intervals import ratio_of_medians
 from saap.model import count_params, layer_shapes
 
 
@@ -131,3 +138,70 @@ def benchmark_with(model, checkpoint: Path, params, **overrides) -> dict:
         "threads": params.threads,
     } | overrides
     return benchmark(model, checkpoint, **settings)
+
+
+def interleaved_timings(
+    models: Mapping[str, torch.nn.Module],
+    prompt_len: int,
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+    threads: int,
+    vocab_size: int,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Per model, ``prefill`` and ``decode`` tokens/s of each repeat, the models
+    timed alternately in one process (order reversed every other round)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=generator)
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            time_prefill_decode(models[name], prompt, min(decode_tokens, 8))
+    out = {name: {"prefill": [], "decode": []} for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            first, steps = time_prefill_decode(models[name], prompt, decode_tokens)
+            out[name]["prefill"].append(prompt_len / first)
+            out[name]["decode"].append(1.0 / statistics.median(steps))
+    return out
+
+
+def interleaved_speedup(
+    candidate: torch.nn.Module,
+    dense: torch.nn.Module,
+    params,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Decode and prefill speedup of ``candidate`` over ``dense`` (PyTorch eager,
+    batch 1), timed interleaved with the ``bench`` params; each with its interval
+    beside the ideal (weight bytes) and MACs ratios."""
+    timings = interleaved_timings(
+        {"dense": dense, "candidate": candidate},
+        params.prompt_len,
+        params.decode_tokens,
+        params.repeats,
+        params.warmup,
+        params.threads,
+        candidate.config.vocab_size,
+    )
+    result: dict = {
+        "runtime": "pytorch-eager",
+        "dtype": str(next(candidate.parameters()).dtype).removeprefix("torch."),
+        "threads": params.threads,
+        "timings": timings,
+    }
+    for kind in ("decode", "prefill"):
+        result[kind] = ratio_of_medians(
+            timings["candidate"][kind], timings["dense"][kind], resamples, seed
+        ).as_dict()
+    result["decode_ideal"] = weight_bytes_per_token(dense) / weight_bytes_per_token(
+        candidate
+    )
+    context = params.context_len
+    result["macs_ratio"] = macs_per_token(dense, context) / macs_per_token(
+        candidate, context
+    )
+    return result

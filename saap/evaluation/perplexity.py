@@ -1,4 +1,9 @@
-"""Perplexity in non-overlapping windows (LLM-Pruner's protocol: 128 tokens)."""
+"""Perplexity in non-overlapping windows (LLM-Pruner's protocol: 128 tokens), and
+fidelity to a reference model on the same windows.
+
+Both keep one number per window, so two models evaluated on the same windows can
+be compared pairwise with an interval (:mod:`saap.evaluation.intervals`).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,27 @@ def windows_of(
 
 
 @torch.no_grad()
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window: ``(n,)`` float64."""
+    out = []
+    for batch in tqdm(
+        torch.split(windows, batch_size), desc=desc, disable=not progress
+    ):
+        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
+        targets = batch[:, 1:]
+        nll = nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, reduction="none"
+        )  # (B, T-1)
+        out.append(nll.mean(dim=1).double())
+    return torch.cat(out)
+
+
 def perplexity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -34,16 +60,31 @@ def perplexity(
     progress: bool = False,
     desc: str = "perplexity",
 ) -> float:
-    """exp(mean next-token negative log-likelihood) over all windows ``(n, T)``."""
-    total_nll, total_tokens = 0.0, 0
+    """exp(mean next-token negative log-likelihood) over all windows ``(n, T)``
+    (windows have equal length, so the mean of window means is the token mean)."""
+    nll = window_nll(model, windows, batch_size, progress, desc)
+    return math.exp(float(nll.mean()))
+
+
+@torch.no_grad()
+def fidelity(
+    reference: nn.Module,
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window: mean KL(reference || model) of next-token distributions (nats)
+    and the fraction of positions whose top-1 token agrees. Needs no labels."""
+    kl_out, agree_out = [], []
     for batch in tqdm(
-        torch.split(windows, batch_size), desc=desc, disable=not progress
+        torch.split(windows, batch_size), desc="fidelity", disable=not progress
     ):
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
-        targets = batch[:, 1:]
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
+        ref = torch.log_softmax(reference(input_ids=batch).logits.float(), -1)
+        cand = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        # (B, T, V) -> (B, T): KL(p || q) = sum p (log p - log q)
+        kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0)
+        agree = (ref.argmax(-1) == cand.argmax(-1)).double()
+        kl_out.append(kl.mean(dim=1).double())
+        agree_out.append(agree.mean(dim=1))
+    return torch.cat(kl_out), torch.cat(agree_out)

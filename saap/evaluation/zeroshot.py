@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from saap.errors import DataError
 
@@ -104,10 +107,31 @@ def evaluate_zero_shot(
     tokenizer,
     eval_dir: Path,
     tasks: list[str],
-    limit: int | None,
+    limit: int | None | dict[str, int | None],
     batch_size: int = 8,
-) -> dict[str, dict[str, float]]:
-    """acc (and acc_norm where lm-eval reports it) per task on the in-memory model."""
+) -> tuple[dict[str, dict], dict[str, dict[str, list]]]:
+    """Per task: lm-eval's acc (and acc_norm where the task defines it) with the
+    standard error, and the per-document results ``{task: {"doc_id": [...],
+    "acc": [0/1...], "acc_norm": [...]}}`` that paired comparisons resample.
+
+    ``limit`` is the first N documents of every task, or a per-task mapping."""
+    limits = limit if isinstance(limit, dict) else {task: limit for task in tasks}
+    scores: dict[str, dict] = {}
+    documents: dict[str, dict[str, list]] = {}
+    # lm-eval takes one limit per call: one call per distinct limit
+    for value in dict.fromkeys(limits[task] for task in tasks):
+        group = [task for task in tasks if limits[task] == value]
+        group_scores, group_docs = _evaluate_group(
+            model, tokenizer, eval_dir, group, value, batch_size
+        )
+        scores |= group_scores
+        documents |= group_docs
+    return {t: scores[t] for t in tasks}, {t: documents[t] for t in tasks}
+
+
+def _evaluate_group(
+    model, tokenizer, eval_dir: Path, tasks: list[str], limit, batch_size: int
+) -> tuple[dict[str, dict], dict[str, dict[str, list]]]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -125,21 +149,45 @@ def evaluate_zero_shot(
             tasks=list(loaded.values()),
             limit=limit,
             num_fewshot=0,
-            log_samples=False,
+            log_samples=True,
             bootstrap_iters=0,
             random_seed=0,
             numpy_random_seed=0,
             torch_random_seed=0,
             fewshot_random_seed=0,
         )
-    scores: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict] = {}
+    documents: dict[str, dict[str, list]] = {}
     for name in names:
-        result = output["results"][name]
         task = name.removeprefix(TASK_PREFIX)
-        scores[task] = {
-            metric.split(",")[0]: float(value)
-            for metric, value in result.items()
-            if metric.split(",")[0] in ("acc", "acc_norm") and "stderr" not in metric
+        samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
+        metrics = [m for m in ("acc", "acc_norm") if m in samples[0]]
+        documents[task] = {"doc_id": [int(s["doc_id"]) for s in samples]} | {
+            m: [float(s[m]) for s in samples] for m in metrics
         }
-        scores[task]["n"] = int(output["n-samples"][name]["effective"])
+        scores[task] = task_scores(documents[task])
+    return scores, documents
+
+
+def task_scores(documents: dict[str, list]) -> dict:
+    """acc / acc_norm of one task with standard errors, from per-document results;
+    ``metric`` names the one the mean uses (acc_norm where the task has it, as
+    the pruning papers and public leaderboards report)."""
+    n = len(documents["doc_id"])
+    scores: dict = {"n": n}
+    for metric in ("acc", "acc_norm"):
+        if metric in documents:
+            values = np.asarray(documents[metric], dtype=np.float64)
+            scores[metric] = float(values.mean())
+            # standard error of the mean (sample std), as lm-eval reports it
+            spread = float(values.std(ddof=1)) if n > 1 else 0.0
+            scores[f"{metric}_stderr"] = spread / math.sqrt(n)
+    scores["metric"] = "acc_norm" if "acc_norm" in documents else "acc"
     return scores
+
+
+def mean_score(scores: dict[str, dict]) -> float | None:
+    """Macro mean over tasks of each task's reported metric (acc_norm or acc)."""
+    if not scores:
+        return None
+    return sum(s[s["metric"]] for s in scores.values()) / len(scores)

@@ -63,12 +63,11 @@ def test_prune_20_percent_with_each_estimator(smollm2, real_assets, record_prope
 def test_dense_model_on_a_fixed_subset(smollm2, real_assets, record_property):
     model, tokenizer = smollm2
     params = EvaluateParams(
-        limit=20,
-        ppl_max_windows=20,
+        profiles={"quick": {"limit": 20, "ppl_max_windows": 20}},
         max_new_tokens=8,
         prompts=["The capital of France is"],
-    )
-    metrics = evaluate_model(
+    ).resolved()
+    metrics, _ = evaluate_model(
         model.to(torch.bfloat16),
         tokenizer,
         real_assets / "data/text",

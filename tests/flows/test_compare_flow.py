@@ -4,6 +4,7 @@ an MLflow parent run with children on SQLite; tiny fixture model and data."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
         calibration={"num_samples": 8, "holdout_samples": 0, "seq_len": 32},
         importance={"batch_size": 4},
         prune={"skip_first": 1, "skip_last": 1},
-        evaluate={"batch_size": 4, "ppl_seq_len": 32},
+        evaluate={"batch_size": 4, "ppl_seq_len": 32, "resamples": 200},
         finetune={
             "batch_size": 2,
             "micro_batch_size": 2,
@@ -41,6 +42,7 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
             "finetune_steps": 2,
             "limit": 4,
             "ppl_windows": 4,
+            "fidelity_windows": 4,
             "bench_repeats": 2,
             "bench_decode_tokens": 4,
         },
@@ -97,6 +99,12 @@ def test_compare_runs_each_arm_as_a_dvc_experiment_and_gathers(project):
             assert 0.6 < row["params"] / dense["params"] < 0.75
             assert row["speedup_ideal"] > 1.2
     assert by[("saap", None)]["n_seeds"] == 2
+    for key, row in by.items():
+        if key[0] != "dense":
+            assert row["kl"][0] > 0.0  # fidelity to dense, per arm
+            retention = row["retention"]
+            assert retention["lower"] <= retention["value"] <= retention["upper"]
+            assert row["vs_best"] in ("best", "not separated", "below best")
     assert by[("shortgpt", None)]["removed_layers"]  # whole layers gone
 
     report = (project / "report" / "results.md").read_text()
@@ -124,6 +132,14 @@ def test_compare_runs_each_arm_as_a_dvc_experiment_and_gathers(project):
     assert (project / "report" / "results.md").read_text().split("|", 1)[
         1
     ] == report_text.split("|", 1)[1]
+
+    # an arm gathered under another code revision is re-run, not reused
+    gathered = project / "artifacts/compare/runs/t1/random-0.3.json"
+    stale = json.loads(gathered.read_text())
+    revision = stale["revision"]
+    gathered.write_text(json.dumps(stale | {"revision": "older-revision"}))
+    compare(project=str(project), run_id="t1", report_dir="report")
+    assert json.loads(gathered.read_text())["revision"] == revision
 
 
 def test_failed_arm_fails_the_flow_and_restores_params(project):

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,12 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
         },
         prune={"ratio": 0.2, "skip_first": 1, "skip_last": 1},
         evaluate={
-            "limit": 4,
+            "profiles": {
+                "quick": {"limit": 4, "ppl_max_windows": 4, "fidelity_windows": 4}
+            },
             "batch_size": 4,
-            "ppl_max_windows": 4,
             "ppl_seq_len": 32,
+            "resamples": 200,
             "prompts": ["the model"],
             "max_new_tokens": 4,
         },
@@ -61,15 +64,17 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
         bench={
             "prompt_len": 8,
             "decode_tokens": 4,
-            "repeats": 2,
+            "repeats": 4,
             "warmup": 1,
             "threads": 1,
         },
         gates={
             "min_accuracy_retention": 0.0,
             "max_ppl_ratio": 100.0,
+            "max_kl": 100.0,
             "min_decode_speedup": 0.0,
             "champion_tolerance": 1.0,
+            "champion_ppl_tolerance": 100.0,
         },
     )
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -222,3 +227,135 @@ def test_nightly_deployment_has_its_schedule(project):
     assert crons == ["0 3 * * *"]
     assert deployment.work_pool_name == "saap-test-pool"
     assert deployment.concurrency_limit == 1 or deployment.global_concurrency_limit
+
+
+# ------------------------------------------------------------ gate audit
+
+
+@pytest.mark.parametrize(
+    "gate, impossible",
+    [
+        ("accuracy_retention", {"min_accuracy_retention": 10.0}),
+        ("ppl_ratio", {"max_ppl_ratio": 1e-6}),
+        ("fidelity_kl", {"max_kl": 1e-12}),
+        ("decode_speedup", {"min_decode_speedup": 1000.0}),
+    ],
+)
+def test_each_gate_failing_alone_blocks_promotion(project, gate, impossible):
+    from flows import tracking
+    from saap.params import load_section
+
+    client, name = registry(project)
+    champion = client.get_registered_model(name).aliases["champion"]
+    params = load_section(project / "params.yaml", "gates").model_copy(
+        update={"min_decode_speedup": 0.0} | impossible
+    )
+    version = client.get_registered_model(name).aliases["candidate"]
+    results, promoted = tracking.apply_gates(client, name, str(version), params)
+    failed = [r.name for r in results if not r.passed]
+    assert failed == [gate] and not promoted
+    assert client.get_registered_model(name).aliases["champion"] == champion
+    tags = client.get_model_version(name, str(version)).tags
+    assert tags[f"gate.{gate}.verdict"] == "fail" and tags["gates"] == "fail"
+    assert tags["gates.thresholds_source"] == "params.yaml"
+
+
+def test_a_copy_of_the_champion_shows_no_regression(project):
+    from flows import tracking
+    from saap.params import load_section
+
+    client, name = registry(project)
+    champion = client.get_model_version_by_alias(name, "champion")
+    copy = client.create_model_version(
+        name, champion.source, run_id=champion.run_id, tags=dict(champion.tags)
+    )
+    params = load_section(project / "params.yaml", "gates")
+    results, _ = tracking.apply_gates(client, name, copy.version, params)
+    regression = {r.name: r for r in results}["no_regression"]
+    assert regression.passed and regression.value == 0.0
+    assert regression.lower == regression.upper == 0.0
+    tags = client.get_model_version(name, copy.version).tags
+    assert tags["gates.champion_compared"] == str(champion.version)
+
+
+def test_champion_evaluated_otherwise_is_not_compared(project):
+    from flows import tracking
+    from saap.params import load_section
+
+    client, name = registry(project)
+    champion = client.get_model_version_by_alias(name, "champion")
+    # a version whose evaluation used another config: the champion's files with
+    # another eval-config hash, logged to a run of their own
+    run = client.create_run(client.get_run(champion.run_id).info.experiment_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, files in (
+            ("eval", ["finetuned.json", "finetuned.documents.json"]),
+            ("bench", ["finetuned.json", "dense.json"]),
+        ):
+            for file in files:
+                data = json.loads((project / "metrics" / kind / file).read_text())
+                if file.startswith("finetuned") and "eval_config_hash" in data:
+                    data["eval_config_hash"] = "another-config"
+                (Path(tmp) / file).write_text(json.dumps(data))
+                client.log_artifact(run.info.run_id, str(Path(tmp) / file), kind)
+    other = client.create_model_version(
+        name, champion.source, run_id=run.info.run_id, tags={"variant": "finetuned"}
+    )
+    params = load_section(project / "params.yaml", "gates")
+    results, promoted = tracking.apply_gates(client, name, other.version, params)
+    by = {r.name: r for r in results}
+    assert not promoted and not by["no_regression"].passed
+    assert "another config" in by["no_regression"].detail
+    # and its dense evaluation is missing: accuracy and perplexity fail closed
+    assert not by["accuracy_retention"].passed and not by["ppl_ratio"].passed
+    assert client.get_registered_model(name).aliases["champion"] == int(
+        champion.version
+    )
+
+
+def test_promote_uses_recorded_thresholds_unless_told(project):
+    from typer.testing import CliRunner
+
+    from saap.cli import app
+
+    client, name = registry(project)
+    candidate = client.get_registered_model(name).aliases["candidate"]
+    # params.yaml now has an impossible speed threshold; the recorded one is 0
+    set_params(project, gates={"min_decode_speedup": 1000.0})
+    runner = CliRunner()
+    result = runner.invoke(app, ["promote", "1", "--project", str(project)])
+    assert "thresholds: recorded" in result.output
+    result = runner.invoke(
+        app, ["promote", "1", "--project", str(project), "--use-params"]
+    )
+    assert "thresholds: params.yaml" in result.output and result.exit_code == 1
+    assert "decode_speedup       FAIL" in result.output
+    tags = client.get_model_version(name, "1").tags
+    assert tags["gates.thresholds_source"] == "params.yaml"
+    missing = runner.invoke(
+        app, ["gates", "--version", "99", "--project", str(project)]
+    )
+    assert missing.exit_code == 2
+    assert "has no version or alias '99'" in missing.output
+    assert "Traceback" not in missing.output
+    set_params(project, gates={"min_decode_speedup": 0.0})
+    assert candidate
+
+
+def test_a_version_left_ungated_is_gated_by_the_next_run(project):
+    client, name = registry(project)
+    latest = client.get_model_version_by_alias(name, "candidate")
+    # a run that died between registering and gating: no verdict tags
+    ungated = client.create_model_version(
+        name,
+        latest.source,
+        run_id=latest.run_id,
+        tags={"variant": "finetuned", "model_md5": "another-model"},
+    )
+    assert "gates" not in client.get_model_version(name, ungated.version).tags
+    summary = run_flow(project)
+    assert ungated.version in summary["gated_earlier_versions"]
+    assert client.get_model_version(name, ungated.version).tags["gates"] in (
+        "pass",
+        "fail",
+    )

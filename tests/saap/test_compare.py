@@ -139,3 +139,48 @@ def test_summary_reports_mean_and_spread_over_seeds():
     table = results_table(rows)
     assert "| 20% | SAAP | - | 0.0 | 11.0 ± 1.4 |" in table
     assert "| 20% | SAAP | group |" in table
+
+
+def _docs_row(correct: list[float], kl: float | None) -> dict:
+    row = _seed_row(10.0, sum(correct) / len(correct))
+    row["documents"] = {"piqa": correct, "boolq": correct}
+    row["acc"] = {"piqa": row["mean_acc"], "boolq": row["mean_acc"]}
+    row["kl"] = {"value": kl, "lower": kl, "upper": kl} if kl is not None else None
+    return row
+
+
+def test_summary_separates_rows_only_where_the_paired_interval_does():
+    n = 300
+    dense = [1.0] * 240 + [0.0] * 60  # 0.8
+    same = list(dense)
+    same[0] = 0.0  # one document of 300 differs: not separated from the best
+    worse = [0.0 if i % 3 == 0 else v for i, v in enumerate(dense)]  # ~0.53
+
+    def record(method, ratio, docs, kl):
+        return {
+            "method": method,
+            "label": method,
+            "ratio": ratio,
+            "seeds": [_docs_row(docs, kl)],
+            "recovered": [],
+        }
+
+    rows = summarise(
+        [
+            record("dense", 0.0, dense, None),
+            record("saap", 0.2, dense, 0.1),
+            record("flap", 0.2, same, 0.2),
+            record("random", 0.2, worse, 2.0),
+        ],
+        resamples=500,
+    )
+    by_method = {r["method"]: r for r in rows}
+    assert len(dense) == n
+    assert by_method["saap"]["vs_best"] == "best"
+    assert by_method["saap"]["retention"]["value"] == pytest.approx(1.0)
+    assert by_method["flap"]["vs_best"] == "not separated"
+    assert by_method["random"]["vs_best"] == "below best"
+    assert by_method["random"]["retention"]["upper"] < 0.8
+    assert by_method["random"]["kl"] == (2.0, 0.0)
+    table = results_table(rows)
+    assert "not separated" in table and "below best" in table

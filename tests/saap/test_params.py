@@ -55,3 +55,34 @@ def test_defaults_fill_a_missing_section(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("assets: {}\n")
     assert load_section(path, "prune") == PruneParams()
+
+
+def test_evaluation_profiles_resolve_and_unknown_ones_name_the_choices():
+    params = parse_section(
+        "evaluate",
+        {
+            "profile": "nightly",
+            "profiles": {
+                "quick": {"limit": 50},
+                "nightly": {"limit": None, "task_limits": {"hellaswag": 2000}},
+            },
+        },
+    )
+    nightly = params.resolved()
+    assert nightly.profile == "nightly" and nightly.limit is None
+    assert nightly.limit_of("hellaswag") == 2000 and nightly.limit_of("piqa") is None
+    assert params.resolved("quick").limit == 50
+    with pytest.raises(ParamsError, match=r"profile 'weekly' is not defined.*nightly"):
+        parse_section("evaluate", {"profile": "weekly"})
+    with pytest.raises(ParamsError, match=r"evaluate\.profiles\.quick\.limti"):
+        parse_section("evaluate", {"profiles": {"quick": {"limti": 5}}})
+
+
+def test_auto_dtype_follows_the_hardware():
+    import torch
+
+    from saap.model import native_bfloat16, torch_dtype
+
+    expected = torch.bfloat16 if native_bfloat16() else torch.float32
+    assert torch_dtype("auto") == expected
+    assert torch_dtype("float32") == torch.float32

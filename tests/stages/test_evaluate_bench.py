@@ -13,12 +13,12 @@ from stages import bench, evaluate
 pytestmark = pytest.mark.integration
 
 SMALL_EVAL = EvaluateParams(
-    limit=4,
+    profiles={"quick": {"limit": 4, "ppl_max_windows": 4, "fidelity_windows": 4}},
     batch_size=4,
-    ppl_max_windows=4,
     ppl_seq_len=32,
     prompts=["the model"],
     max_new_tokens=4,
+    resamples=200,
 )
 
 
@@ -28,11 +28,27 @@ def test_evaluate_stage_writes_whole_deterministic_metrics(
     out = tmp_path / "metrics/eval/dense.json"
     first = evaluate.run(SMALL_EVAL, "dense", tiny_model_dir, text_dir, eval_dir, out)
     written = json.loads(out.read_text())
-    assert written["schema"] == "saap.eval/v1"
+    assert written["schema"] == "saap.eval/v2"
+    assert written["profile"] == "quick" and len(written["eval_config_hash"]) == 16
     assert set(written["zero_shot"]) == set(SMALL_EVAL.tasks)
+    documents = json.loads((tmp_path / "metrics/eval/dense.documents.json").read_text())
+    assert documents["eval_config_hash"] == written["eval_config_hash"]
     for task, scores in written["zero_shot"].items():
         assert 0.0 <= scores["acc"] <= 1.0, task
-        assert scores["n"] == 4
+        assert scores["n"] == 4 and scores["acc_stderr"] >= 0.0
+        # lm-eval defines acc_norm for the multiple-choice tasks with long choices
+        has_norm = task not in ("boolq", "winogrande")
+        assert ("acc_norm" in scores) == has_norm, task
+        assert scores["metric"] == ("acc_norm" if has_norm else "acc")
+        per_doc = documents["zero_shot"][task]
+        assert per_doc["doc_id"] == [0, 1, 2, 3]
+        # the task score is the mean of its per-document results
+        metric = scores["metric"]
+        assert sum(per_doc[metric]) / 4 == pytest.approx(scores[metric])
+    reported = [s[s["metric"]] for s in written["zero_shot"].values()]
+    assert written["mean_acc"] == pytest.approx(sum(reported) / len(reported))
+    assert all(len(v) == 4 for v in documents["perplexity"].values())
+    assert written["fidelity"] is None  # no --dense: no fidelity
     assert set(written["perplexity"]) == {"ptb", "wiki", "c4"}
     assert all(v > 1 for v in written["perplexity"].values())
     assert written["generations"][0]["prompt"] == "the model"
@@ -40,6 +56,58 @@ def test_evaluate_stage_writes_whole_deterministic_metrics(
     second = evaluate.run(SMALL_EVAL, "dense", tiny_model_dir, text_dir, eval_dir, out)
     assert first["zero_shot"] == second["zero_shot"]
     assert first["perplexity"] == second["perplexity"]
+
+
+def test_evaluate_against_itself_has_zero_kl_and_full_agreement(
+    tiny_model_dir, text_dir, eval_dir, tmp_path
+):
+    out = tmp_path / "same.json"
+    metrics = evaluate.run(
+        SMALL_EVAL, "same", tiny_model_dir, text_dir, eval_dir, out, tiny_model_dir
+    )
+    fidelity = metrics["fidelity"]
+    assert fidelity["windows"] == 4 and fidelity["corpus"] == "c4"
+    assert fidelity["kl"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert fidelity["kl"]["upper"] == pytest.approx(0.0, abs=1e-6)
+    assert fidelity["top1_agreement"]["value"] == 1.0
+
+
+def test_evaluate_fidelity_sees_a_damaged_model(
+    tiny_model_dir, text_dir, eval_dir, tmp_path
+):
+    from saap.model import load_model, save_checkpoint
+
+    model, tokenizer = load_model(tiny_model_dir)
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(0.0)  # remove every MLP's output
+    damaged = tmp_path / "damaged"
+    save_checkpoint(model, tokenizer, damaged)
+    metrics = evaluate.run(
+        SMALL_EVAL, "damaged", damaged, text_dir, eval_dir, tmp_path / "d.json",
+        tiny_model_dir,
+    )
+    kl = metrics["fidelity"]["kl"]
+    assert kl["lower"] > 1e-3 and kl["lower"] <= kl["value"] <= kl["upper"]
+    assert metrics["fidelity"]["top1_agreement"]["value"] < 1.0
+
+
+def test_profiles_change_the_config_hash(tiny_model_dir, text_dir, eval_dir):
+    from saap.evaluation.report import eval_config_hash
+
+    quick = SMALL_EVAL.resolved()
+    other = EvaluateParams.model_validate(
+        SMALL_EVAL.model_dump()
+        | {"profiles": {"quick": {"limit": 5, "ppl_max_windows": 4}}}
+    ).resolved()
+    assert eval_config_hash(quick, text_dir, eval_dir) == eval_config_hash(
+        SMALL_EVAL.resolved(), text_dir, eval_dir
+    )
+    assert eval_config_hash(quick, text_dir, eval_dir) != eval_config_hash(
+        other, text_dir, eval_dir
+    )
 
 
 def test_evaluate_failure_keeps_previous_metrics(tiny_model_dir, text_dir, tmp_path):
@@ -59,15 +127,22 @@ def test_evaluate_rejects_checkpoint_that_does_not_load(text_dir, eval_dir, tmp_
         evaluate.run(SMALL_EVAL, "x", tmp_path, text_dir, eval_dir, tmp_path / "m.json")
 
 
-def test_bench_stage_reports_speedups(tiny_model_dir, tmp_path):
-    params = BenchParams(prompt_len=8, decode_tokens=4, repeats=2, warmup=1, threads=1)
+def test_bench_stage_reports_interleaved_speedups(tiny_model_dir, tmp_path):
+    params = BenchParams(prompt_len=8, decode_tokens=4, repeats=4, warmup=1, threads=1)
     dense = bench.run(params, "dense", tiny_model_dir, tmp_path / "dense.json", None)
     assert dense["decode_tokens_per_s"] > 0 and dense["prefill_tokens_per_s"] > 0
     assert dense["params"] > 0 and dense["disk_bytes"] > 0
     assert dense["threads"] == 1 and dense["peak_rss_mb"] > 0
+    assert "speedup_vs_dense" not in dense
     again = bench.run(
-        params, "same", tiny_model_dir, tmp_path / "same.json", tmp_path / "dense.json"
+        params, "same", tiny_model_dir, tmp_path / "same.json", tiny_model_dir
     )
     ratios = again["speedup_vs_dense"]
     assert ratios["decode_ideal"] == pytest.approx(1.0)
     assert ratios["macs_ratio"] == pytest.approx(1.0)
+    assert ratios["runtime"] == "pytorch-eager"
+    for kind in ("decode", "prefill"):
+        interval = ratios[kind]
+        assert interval["n"] == 4
+        assert interval["lower"] <= interval["value"] <= interval["upper"]
+        assert len(ratios["timings"]["dense"][kind]) == 4

@@ -1,0 +1,194 @@
+"""How noisy is each promotion gate, per evaluation profile, and do repeated gate
+evaluations of the same candidate agree?
+
+For each profile: the dense model is evaluated once; then the candidate is
+evaluated and benchmarked (interleaved with dense) ``--repeats`` times, each
+time from scratch, and the gates are computed from each repeat. Reported: the
+wall time of one candidate evaluation, every gate's value, interval and
+half-width per repeat, whether the per-document results of the repeats are
+identical (the evaluation is deterministic; only the timing varies), and
+whether the verdicts agree.
+
+Results go to a JSON file as each repeat finishes (an interrupted run keeps
+what it measured) and are rendered to docs/bench_gates.md.
+
+Usage (after ``dvc repro finetune``)::
+
+    .venv/bin/python benchmarks/gate_noise.py --profile quick --repeats 3
+    .venv/bin/python benchmarks/gate_noise.py --profile nightly --repeats 1 \
+        --bench-repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from saap.atomic import write_json
+from saap.evaluation.bench import interleaved_speedup
+from saap.evaluation.report import evaluate_model
+from saap.gates import evaluate_gates
+from saap.model import compute_dtype, load_model
+from saap.params import load_section
+
+
+def report(results: dict, out: Path) -> None:
+    lines = [
+        "# Gate noise: interval widths and repeated verdicts per profile",
+        "",
+        "Candidate: the `make run` model (SAAP 20%, group fine-tuning) against "
+        "dense SmolLM2-135M; 2 CPU threads, dtype as recorded below. Commands: "
+        + " then ".join(f"`{c}`" for c in results.get("commands", []))
+        + ". Intervals are 95% paired bootstrap intervals (2,000 resamples); the "
+        "speedup interval bootstraps the interleaved repeat pairs of one bench run.",
+        "",
+    ]
+    for profile, run in results.get("profiles", {}).items():
+        settings = run["settings"]
+        limits = settings["task_limits"] or {}
+        lines += [
+            f"## Profile `{profile}`",
+            "",
+            f"- Documents: {run['documents']} paired zero-shot documents "
+            f"(limit {settings['limit'] or 'none'} per task"
+            + (f", caps {limits}" if limits else "")
+            + f"); perplexity windows per corpus: "
+            f"{settings['ppl_max_windows'] or 'all'}; fidelity windows: "
+            f"{settings['fidelity_windows']}.",
+            f"- Time: dense evaluation {run['dense_s']:.0f} s; one candidate "
+            f"evaluation {run['repeats'][0]['eval_s']:.0f} s; one interleaved "
+            f"bench {run['repeats'][0]['bench_s']:.0f} s.",
+            f"- Repeated evaluations identical (per-document results, per-window "
+            f"NLL and KL): {run.get('identical_evaluations', 'n/a')}.",
+            "",
+            "| repeat | gate | value | 95% interval | half-width | threshold "
+            "| mode | verdict |",
+            "|---|---|---:|---|---:|---|---|---|",
+        ]
+        for index, repeat in enumerate(run["repeats"], start=1):
+            for gate in repeat["gates"]:
+                if gate["value"] is None:
+                    interval, half = "-", "-"
+                else:
+                    interval = f"[{gate['lower']:.4f}, {gate['upper']:.4f}]"
+                    half = f"{(gate['upper'] - gate['lower']) / 2:.4f}"
+                value = "-" if gate["value"] is None else f"{gate['value']:.4f}"
+                bound = "<=" if gate["direction"] == "at_most" else ">="
+                lines.append(
+                    f"| {index} | {gate['name']} | {value} | {interval} | {half} | "
+                    f"{bound} {gate['threshold']} | {gate['mode']} | "
+                    f"{'pass' if gate['passed'] else 'FAIL'} |"
+                )
+        verdicts = [
+            tuple(g["passed"] for g in repeat["gates"]) for repeat in run["repeats"]
+        ]
+        agree = len(set(verdicts)) == 1
+        lines += [
+            "",
+            f"Verdicts of the {len(verdicts)} repeats "
+            f"{'agree' if agree else 'DISAGREE'}: "
+            + ", ".join(
+                "promote" if all(v) else "keep champion" for v in verdicts
+            )
+            + ".",
+            "",
+        ]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--repeats", type=int, default=3, help="candidate evals")
+    parser.add_argument(
+        "--bench-repeats", type=int, default=None, help="benches (default: repeats)"
+    )
+    parser.add_argument("--dense", type=Path, default=Path("models/base"))
+    parser.add_argument("--candidate", type=Path, default=Path("models/finetuned"))
+    parser.add_argument("--text", type=Path, default=Path("data/text"))
+    parser.add_argument("--eval", type=Path, default=Path("data/eval"))
+    parser.add_argument("--json", type=Path, default=Path("docs/bench_gates.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_gates.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    command = " ".join(["python benchmarks/gate_noise.py", *sys.argv[1:]])
+    settings = load_section("params.yaml", "evaluate").resolved(args.profile)
+    bench = load_section("params.yaml", "bench")
+    gates = load_section("params.yaml", "gates")
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results.setdefault("commands", []).append(command)
+    dense, tokenizer = load_model(args.dense, dtype=compute_dtype())
+    candidate, _ = load_model(args.candidate, dtype=compute_dtype())
+
+    def evaluate(model, reference):
+        started = time.perf_counter()
+        metrics, documents = evaluate_model(
+            model,
+            tokenizer,
+            args.text,
+            args.eval,
+            settings,
+            "candidate" if reference is not None else "dense",
+            "",
+            reference=reference,
+        )
+        return metrics, documents, time.perf_counter() - started
+
+    dense_metrics, dense_documents, dense_s = evaluate(dense, None)
+    run = {
+        "settings": settings.model_dump(),
+        "documents": dense_metrics["documents_evaluated"],
+        "dense_s": dense_s,
+        "repeats": [],
+    }
+    results.setdefault("profiles", {})[args.profile] = run
+    dense_evidence = {"eval": dense_metrics, "documents": dense_documents}
+    first_documents = None
+    evaluations = args.repeats
+    benches = args.bench_repeats or args.repeats
+    metrics = documents = None
+    eval_s = 0.0
+    for index in range(max(evaluations, benches)):
+        if index < evaluations:
+            metrics, documents, eval_s = evaluate(candidate, dense)
+            if first_documents is None:
+                first_documents = documents
+            else:
+                same = documents == first_documents
+                run["identical_evaluations"] = run.get(
+                    "identical_evaluations", True
+                ) and bool(same)
+        started = time.perf_counter()
+        speedup = interleaved_speedup(candidate, dense, bench)
+        bench_s = time.perf_counter() - started
+        evidence = {
+            "eval": metrics,
+            "documents": documents,
+            "bench": {"speedup_vs_dense": speedup},
+        }
+        verdicts = evaluate_gates(evidence, dense_evidence, gates)
+        run["repeats"].append(
+            {
+                "eval_s": eval_s,
+                "evaluated_again": index < evaluations,
+                "bench_s": bench_s,
+                "gates": [g.as_dict() for g in verdicts],
+            }
+        )
+        write_json(args.json, results)
+        report(results, args.out)
+        print(
+            args.profile,
+            index + 1,
+            {g.name: (round(g.value or 0, 4), g.passed) for g in verdicts},
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

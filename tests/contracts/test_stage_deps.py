@@ -1,0 +1,99 @@
+"""Every DVC stage lists, as deps, the project code it runs: the stage module and
+every saap/stages module it imports, directly or through others (function-level
+imports included), so a code change re-runs exactly the stages it affects."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("saap", "stages")
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a project module, or None for a third-party one."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Modules named by every import statement of a file (any nesting level)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            # `from saap.importance import stats` names a module too
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def code_closure(module: str) -> set[Path]:
+    """The project files ``module`` runs: itself and what it imports, transitively
+    (a package's ``__init__`` runs when one of its modules is imported)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            path = module_file(".".join(parts[:depth]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            todo.extend(imported_modules(path))
+    return {p.relative_to(ROOT) for p in seen if not docstring_only(p)}
+
+
+def docstring_only(path: Path) -> bool:
+    """A package ``__init__`` holding nothing but its docstring runs no code."""
+    body = ast.parse(path.read_text()).body
+    return all(
+        isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        for node in body
+    )
+
+
+def pipeline_stages() -> dict[str, dict]:
+    stages = {}
+    for dvc_file in (ROOT / "dvc.yaml", ROOT / "compare" / "dvc.yaml"):
+        for name, body in yaml.safe_load(dvc_file.read_text())["stages"].items():
+            stages[f"{dvc_file.relative_to(ROOT)}:{name}"] = body.get("do", body)
+    return stages
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    text = path.as_posix()
+    return any(text == dep or text.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(pipeline_stages()))
+def test_stage_deps_cover_the_code_it_runs(stage):
+    body = pipeline_stages()[stage]
+    module = re.search(r"python -m (stages\.\w+)", body["cmd"])
+    assert module, f"{stage}: its cmd does not run a stages module"
+    missing = sorted(
+        str(path)
+        for path in code_closure(module.group(1))
+        if not covered(path, body.get("deps", []))
+    )
+    assert not missing, f"{stage} runs {missing} but dvc.yaml does not list them"
+
+
+def test_closure_follows_function_level_imports():
+    # stages.compare imports stages.importance inside a function
+    assert Path("stages/importance.py") in code_closure("stages.compare")
+    assert Path("saap/params.py") in code_closure("stages.assets")

@@ -1,0 +1,101 @@
+"""Gate audit on the real SmolLM2-135M (slow): a random-pruned 20% candidate is
+rejected; the dense model offered as a candidate passes retention, perplexity
+and fidelity, and its measured speedup interval contains 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saap.calibration import make_calibration
+from saap.evaluation.bench import interleaved_speedup
+from saap.evaluation.report import evaluate_model
+from saap.gates import evaluate_gates
+from saap.importance import collect_statistics
+from saap.model import count_params, layer_shapes, load_model
+from saap.params import (
+    BenchParams,
+    CalibrationParams,
+    EvaluateParams,
+    GatesParams,
+    PruneParams,
+)
+from saap.plan import plan_from_scores
+from saap.prune import prune_model
+from saap.scores import scores_from_stats
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = EvaluateParams(
+    profiles={"quick": {"limit": 30, "ppl_max_windows": 64, "fidelity_windows": 32}},
+    ppl_corpora=["ptb"],
+    prompts=[],
+).resolved()
+BENCH = BenchParams(decode_tokens=16, repeats=10)
+
+
+def evidence(model, tokenizer, assets, reference, speed_of=None) -> dict:
+    metrics, documents = evaluate_model(
+        model,
+        tokenizer,
+        assets / "data/text",
+        assets / "data/eval",
+        SETTINGS,
+        "candidate",
+        "in-memory",
+        reference=reference,
+    )
+    bench = {}
+    if speed_of is not None:
+        bench["speedup_vs_dense"] = interleaved_speedup(model, speed_of, BENCH)
+    return {"eval": metrics, "documents": documents, "bench": bench}
+
+
+def test_gates_reject_random_pruning_and_pass_the_dense_model(
+    real_assets, record_property
+):
+    model, tokenizer = load_model(real_assets / "models/base")
+    tensors, _ = make_calibration(
+        tokenizer,
+        real_assets / "data/text",
+        CalibrationParams(num_samples=8, holdout_samples=0),
+    )
+    stats = collect_statistics(model, tensors["input_ids"], batch_size=4)
+    scores = scores_from_stats(stats, ["random"], 0, {"num_layers": 30})
+    plan = plan_from_scores(
+        scores,
+        layer_shapes(model),
+        count_params(model),
+        PruneParams(ratio=0.2, importance="random", allocation="uniform"),
+    )
+    random_pruned = prune_model(model, plan).to(torch.bfloat16)
+    dense = model.to(torch.bfloat16)
+
+    dense_evidence = evidence(dense, tokenizer, real_assets, None)
+    as_candidate = evidence(dense, tokenizer, real_assets, dense, speed_of=dense)
+    damaged = evidence(random_pruned, tokenizer, real_assets, dense, speed_of=dense)
+    params = GatesParams()
+    same = {r.name: r for r in evaluate_gates(as_candidate, dense_evidence, params)}
+    bad = {r.name: r for r in evaluate_gates(damaged, dense_evidence, params)}
+    record_property(
+        "gates",
+        json.dumps({"dense": {k: v.as_dict() for k, v in same.items()},
+                    "random": {k: v.as_dict() for k, v in bad.items()}}),
+    )
+    print(json.dumps({k: (v.value, v.lower, v.upper) for k, v in bad.items()}))
+
+    # the dense model against itself: identical documents, zero KL
+    for name in ("accuracy_retention", "ppl_ratio", "fidelity_kl"):
+        assert same[name].passed, same[name]
+    assert same["accuracy_retention"].value == pytest.approx(1.0)
+    assert same["fidelity_kl"].upper == pytest.approx(0.0, abs=1e-6)
+    speed = same["decode_speedup"]
+    assert speed.lower <= 1.0 <= speed.upper
+    assert not speed.passed  # 1.0x is not a speedup of at least 1.05
+
+    # random pruning of 20%: perplexity and fidelity reject it clearly
+    assert not all(r.passed for r in bad.values())
+    assert not bad["ppl_ratio"].passed and bad["ppl_ratio"].lower > 2.0
+    assert not bad["fidelity_kl"].passed and bad["fidelity_kl"].lower > 0.6
