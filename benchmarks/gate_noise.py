@@ -1,22 +1,25 @@
 """How noisy is each promotion gate, per evaluation profile, and do repeated gate
 evaluations of the same candidate agree?
 
-For each profile: the dense model is evaluated once; then the candidate is
-evaluated and benchmarked (interleaved with dense) ``--repeats`` times, each
-time from scratch, and the gates are computed from each repeat. Reported: the
-wall time of one candidate evaluation, every gate's value, interval and
-half-width per repeat, whether the per-document results of the repeats are
-identical (the evaluation is deterministic; only the timing varies), and
-whether the verdicts agree.
+For each profile: the dense model is evaluated once (or its evaluation by the
+pipeline is reused, ``--dense-metrics``); the candidate is evaluated
+``--repeats`` times from scratch and benchmarked (interleaved with dense)
+``--bench-repeats`` times, and the gates are computed from each repeat.
+Reported: the wall time of one candidate evaluation, every gate's value,
+interval and half-width per repeat, whether the per-document results of the
+repeated evaluations are identical to each other and to the pipeline's own
+(``--candidate-documents``: another process, another day), and whether the
+verdicts agree. The evaluation is deterministic, so what varies between repeats
+is the timing.
 
 Results go to a JSON file as each repeat finishes (an interrupted run keeps
 what it measured) and are rendered to docs/bench_gates.md.
 
 Usage (after ``dvc repro finetune``)::
 
-    .venv/bin/python benchmarks/gate_noise.py --profile quick --repeats 3
-    .venv/bin/python benchmarks/gate_noise.py --profile nightly --repeats 1 \
-        --bench-repeats 3
+    .venv/bin/python benchmarks/gate_noise.py --profile quick \
+        --dense-metrics metrics/eval/dense.json \
+        --candidate-documents metrics/eval/finetuned.documents.json
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ def report(results: dict, out: Path) -> None:
             + f"); perplexity windows per corpus: "
             f"{settings['ppl_max_windows'] or 'all'}; fidelity windows: "
             f"{settings['fidelity_windows']}.",
-            f"- Time: dense evaluation {run['dense_s']:.0f} s; one candidate "
+            f"- Time: dense evaluation {run['dense_s']:.0f} s (stage sections); "
+            "one candidate "
             f"evaluation {run['repeats'][0]['eval_s']:.0f} s; one interleaved "
             f"bench {run['repeats'][0]['bench_s']:.0f} s.",
-            f"- Repeated evaluations identical (per-document results, per-window "
-            f"NLL and KL): {run.get('identical_evaluations', 'n/a')}.",
+            "- Repeated evaluations of the candidate identical to each other and "
+            "to the pipeline's evaluate stage (per-document results, per-window "
+            f"NLL and KL): {run.get('identical_evaluations', 'n/a')}; the "
+            "repeats below re-time the speedup (interleaved bench) each time.",
             "",
             "| repeat | gate | value | 95% interval | half-width | threshold "
             "| mode | verdict |",
@@ -104,9 +110,19 @@ def report(results: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", required=True)
-    parser.add_argument("--repeats", type=int, default=3, help="candidate evals")
+    parser.add_argument("--repeats", type=int, default=1, help="candidate evals")
+    parser.add_argument("--bench-repeats", type=int, default=3, help="benches")
     parser.add_argument(
-        "--bench-repeats", type=int, default=None, help="benches (default: repeats)"
+        "--dense-metrics",
+        type=Path,
+        default=None,
+        help="reuse this dense evaluation (its .documents.json beside it)",
+    )
+    parser.add_argument(
+        "--candidate-documents",
+        type=Path,
+        default=None,
+        help="the pipeline's evaluation of the candidate, to check identity",
     )
     parser.add_argument("--dense", type=Path, default=Path("models/base"))
     parser.add_argument("--candidate", type=Path, default=Path("models/finetuned"))
@@ -139,7 +155,15 @@ def main() -> None:
         )
         return metrics, documents, time.perf_counter() - started
 
-    dense_metrics, dense_documents, dense_s = evaluate(dense, None)
+    if args.dense_metrics:
+        dense_metrics = json.loads(args.dense_metrics.read_text())
+        dense_documents = json.loads(
+            args.dense_metrics.with_suffix(".documents.json").read_text()
+        )
+        dense_s = dense_metrics["seconds"]
+        dense_s = sum(dense_s.values())
+    else:
+        dense_metrics, dense_documents, dense_s = evaluate(dense, None)
     run = {
         "settings": settings.model_dump(),
         "documents": dense_metrics["documents_evaluated"],
@@ -148,9 +172,13 @@ def main() -> None:
     }
     results.setdefault("profiles", {})[args.profile] = run
     dense_evidence = {"eval": dense_metrics, "documents": dense_documents}
-    first_documents = None
+    first_documents = (
+        json.loads(args.candidate_documents.read_text())
+        if args.candidate_documents
+        else None
+    )
     evaluations = args.repeats
-    benches = args.bench_repeats or args.repeats
+    benches = args.bench_repeats
     metrics = documents = None
     eval_s = 0.0
     for index in range(max(evaluations, benches)):
@@ -163,6 +191,12 @@ def main() -> None:
                 run["identical_evaluations"] = run.get(
                     "identical_evaluations", True
                 ) and bool(same)
+            if metrics["eval_config_hash"] != dense_metrics["eval_config_hash"]:
+                raise SystemExit(
+                    "the dense evaluation was made with another config: "
+                    f"{dense_metrics['eval_config_hash']} vs "
+                    f"{metrics['eval_config_hash']}"
+                )
         started = time.perf_counter()
         speedup = interleaved_speedup(candidate, dense, bench)
         bench_s = time.perf_counter() - started

@@ -159,11 +159,12 @@ def track_and_promote(
         if key in hashes:
             tags[f"data.{key.split(':')[1]}"] = hashes[key]
     tags["model_md5"] = tracking.model_md5(root, gates.variant)
+    tags["evidence_md5"] = tracking.evidence_md5(root, gates.variant)
     gated = _gate_ungated(client, name, gates)
     latest = tracking.latest_version(client, name)
-    if latest is not None and tags["model_md5"]:
-        if latest.tags.get("model_md5") == tags["model_md5"]:
-            # the same model as the newest version: nothing new to register
+    if latest is not None and tags["model_md5"] and tags["evidence_md5"]:
+        if all(latest.tags.get(k) == tags[k] for k in ("model_md5", "evidence_md5")):
+            # the same model and evidence as the newest version: nothing new
             latest = client.get_model_version(name, latest.version)
             champion = tracking.champion_version(client, name)
             return {
@@ -172,7 +173,7 @@ def track_and_promote(
                 "promoted": champion is not None
                 and str(champion.version) == str(latest.version),
                 "gates": gated.get(str(latest.version))
-                or "unchanged (same model as the newest version)",
+                or "unchanged (same model and evaluation as the newest version)",
                 "gated_earlier_versions": sorted(gated),
             }
     version = tracking.register_version(
@@ -200,9 +201,41 @@ def _gate_ungated(client, name: str, gates: GatesParams) -> dict[str, dict]:
     return done
 
 
+@contextlib.contextmanager
+def evaluation_profile(params_file: Path, profile: str | None) -> Iterator[None]:
+    """Run with ``evaluate.profile`` set to ``profile`` (comments and layout of
+    params.yaml kept); params.yaml is restored byte for byte afterwards, so the
+    next run on the file's own profile re-evaluates on that one."""
+    if profile is None:
+        yield
+        return
+    from ruamel.yaml import YAML
+
+    original = params_file.read_bytes()
+    yaml_rt = YAML()
+    data = yaml_rt.load(original.decode())
+    evaluate = data.setdefault("evaluate", {})
+    if evaluate.get("profile", "quick") == profile:
+        yield
+        return
+    load_section(params_file, "evaluate").resolved(profile)  # names a bad profile
+    evaluate["profile"] = profile
+    try:
+        with params_file.open("w") as handle:
+            yaml_rt.dump(data, handle)
+        yield
+    finally:
+        params_file.write_bytes(original)
+
+
 @flow(name="compress", log_prints=True)
-def compress(project: str = ".", lock_timeout_s: float = 3600.0) -> dict:
-    """Run the pipeline, track it in MLflow, register and gate the model."""
+def compress(
+    project: str = ".", lock_timeout_s: float = 3600.0, profile: str | None = None
+) -> dict:
+    """Run the pipeline, track it in MLflow, register and gate the model.
+
+    ``profile`` overrides ``evaluate.profile`` for this run (the nightly
+    deployment passes ``nightly``)."""
     from flows import tracking
 
     logger = get_run_logger()
@@ -219,7 +252,10 @@ def compress(project: str = ".", lock_timeout_s: float = 3600.0) -> dict:
     except Exception:  # noqa: BLE001 - no context outside a flow run
         flow_run = None
     client = tracking.client_for(root)
-    with project_lock(root, lock_timeout_s):
+    with (
+        project_lock(root, lock_timeout_s),
+        evaluation_profile(root / "params.yaml", profile),
+    ):
         run = client.create_run(
             tracking.experiment_id(client, root),
             run_name=f"compress-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -33,6 +33,7 @@ def deploy_nightly(
     cron: str = DEFAULT_CRON,
     pool: str = DEFAULT_POOL,
     timezone: str = "UTC",
+    profile: str = "nightly",
 ) -> str:
     """Create the nightly deployment; return its id."""
     from prefect import flow
@@ -48,7 +49,9 @@ def deploy_nightly(
         work_pool_name=pool,
         schedules=[CronSchedule(cron=cron, timezone=timezone)],
         concurrency_limit=1,
-        parameters={"project": str(project)},
+        # the nightly run evaluates on the nightly profile (full sets), where
+        # accuracy retention decides too (docs/gates.md)
+        parameters={"project": str(project), "profile": profile},
         description="Nightly SAAP compression run of this project",
         tags=["saap", "nightly"],
         print_next_steps=False,

@@ -118,6 +118,24 @@ def model_md5(project: Path, variant: str) -> str:
     return dvc_lock_hashes(project).get(f"{stage}:models/{variant}", "")
 
 
+def evidence_md5(project: Path, variant: str) -> str:
+    """One hash of the ``dvc.lock`` hashes of everything the gates read for
+    ``variant``: its and the dense model's evaluation (metrics and documents)
+    and its bench. The same model with new evidence is gated again."""
+    import hashlib
+
+    hashes = dvc_lock_hashes(project)
+    keys = [
+        f"evaluate@{who}:metrics/eval/{who}{suffix}"
+        for who in (variant, "dense")
+        for suffix in (".json", ".documents.json")
+    ] + [f"bench@{variant}:metrics/bench/{variant}.json"]
+    values = [hashes.get(key, "") for key in keys]
+    if not all(values):
+        return ""
+    return hashlib.md5("".join(values).encode()).hexdigest()
+
+
 def variant_metrics(project: Path, variant: str) -> dict:
     """The eval, per-document and bench JSON of a variant, as the stages wrote
     them: ``{"eval", "documents", "bench"}``."""

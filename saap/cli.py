@@ -165,11 +165,16 @@ def _up_to_date(project: Path) -> dict | None:
     from flows import tracking
 
     gates = _gates_params(project)
-    md5 = tracking.model_md5(project, gates.variant)
+    identity = {
+        "model_md5": tracking.model_md5(project, gates.variant),
+        "evidence_md5": tracking.evidence_md5(project, gates.variant),
+    }
     client = tracking.client_for(project)
     name = tracking.registered_name(project, gates)
     latest = tracking.latest_version(client, name)
-    if latest is None or not md5 or latest.tags.get("model_md5") != md5:
+    if latest is None or not all(
+        value and latest.tags.get(key) == value for key, value in identity.items()
+    ):
         return None
     champion = tracking.champion_version(client, name)
     return {
@@ -177,7 +182,8 @@ def _up_to_date(project: Path) -> dict | None:
         "version": str(latest.version),
         "champion": str(champion.version) if champion else None,
         "stages_ran": [],
-        "note": "every stage is up to date and this model is already registered",
+        "note": "every stage is up to date and this model and its evaluation are "
+        "already registered",
     }
 
 

@@ -228,9 +228,12 @@ class EvaluationSettings(Section):
 
 def _default_profiles() -> dict[str, ProfileSettings]:
     return {
-        "quick": ProfileSettings(limit=50, ppl_max_windows=200, fidelity_windows=64),
+        "quick": ProfileSettings(limit=50, ppl_max_windows=100, fidelity_windows=64),
         "nightly": ProfileSettings(
-            limit=None, ppl_max_windows=None, fidelity_windows=256
+            limit=None,
+            task_limits={"hellaswag": 3000},
+            ppl_max_windows=None,
+            fidelity_windows=256,
         ),
     }
 

@@ -15,7 +15,12 @@ import resource
 from pathlib import Path
 
 from saap.atomic import write_json
-from saap.evaluation.bench import benchmark_with, interleaved_speedup
+from saap.evaluation.bench import (
+    benchmark_with,
+    interleaved_speedup,
+    speed_metrics,
+    static_metrics,
+)
 from saap.model import load_model, torch_dtype
 from saap.params import BenchParams, load_section
 from stages.common import guarded, setup
@@ -35,10 +40,25 @@ def run(
     dtype = torch_dtype(params.dtype)
     model, _ = load_model(model_dir, dtype=dtype)
     metrics = {"schema": SCHEMA, "variant": variant, "checkpoint": str(model_dir)}
-    metrics |= benchmark_with(model, model_dir, params)
-    if dense_dir is not None:
+    if dense_dir is None:
+        metrics |= benchmark_with(model, model_dir, params)
+    else:
+        # the candidate's own figures come from the interleaved repeats too
         dense, _ = load_model(dense_dir, dtype=dtype)
-        metrics["speedup_vs_dense"] = interleaved_speedup(model, dense, params)
+        speedup = interleaved_speedup(model, dense, params)
+        timings = speedup["timings"]["candidate"]
+        metrics |= static_metrics(model, model_dir, params.context_len) | {
+            "threads": params.threads,
+            "prompt_len": params.prompt_len,
+            "decode_tokens": params.decode_tokens,
+            "repeats": params.repeats,
+        }
+        metrics |= speed_metrics(
+            [params.prompt_len / v for v in timings["prefill"]],
+            [1.0 / v for v in timings["decode"]],
+            params.prompt_len,
+        )
+        metrics["speedup_vs_dense"] = speedup
     # peak resident memory of this process: load + benchmark
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(out, metrics)

@@ -7,8 +7,9 @@ token, dense over pruned, bound the speedup a memory-bound runtime can reach.
 
 A speedup is only measured *interleaved*: the dense model and the candidate are
 timed in the same process, alternating repeat by repeat (the order swapped each
-round), so drift of the machine hits both alike; the interval is a bootstrap
-over the repeat pairs (:func:`interleaved_speedup`).
+round), so drift of the machine hits both alike; the speedup is the geometric
+mean of the per-round ratios, its interval a bootstrap over the rounds
+(:func:`interleaved_speedup`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from saap.evaluation.intervals import ratio_of_medians
+from saap.evaluation.intervals import paired_speedup
 from saap.model import count_params, layer_shapes
 
 
@@ -83,6 +84,30 @@ def time_prefill_decode(
     return first - start, steps
 
 
+def static_metrics(model, checkpoint: Path, context_len: int) -> dict:
+    """Size and work per token of one loaded model: nothing timed."""
+    return {
+        "params": count_params(model),
+        "macs_per_token": macs_per_token(model, context_len),
+        "context_len": context_len,
+        "disk_bytes": disk_bytes(checkpoint),
+        "weight_bytes_per_token": weight_bytes_per_token(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def speed_metrics(prefill_s: list[float], decode_s: list[float], prompt_len: int):
+    """Medians over repeats of prefill seconds and per-token decode seconds."""
+    prefill = statistics.median(prefill_s)
+    decode = statistics.median(decode_s)
+    return {
+        "prefill_tokens_per_s": prompt_len / prefill,
+        "time_to_first_token_s": prefill,
+        "decode_tokens_per_s": 1.0 / decode,
+        "decode_latency_ms": 1000 * decode,
+    }
+
+
 def benchmark(
     model,
     checkpoint: Path,
@@ -106,24 +131,16 @@ def benchmark(
         first, steps = time_prefill_decode(model, prompt, decode_tokens)
         prefill.append(first)
         decode_medians.append(statistics.median(steps))
-    prefill_s = statistics.median(prefill)
-    decode_s = statistics.median(decode_medians)
-    return {
-        "params": count_params(model),
-        "macs_per_token": macs_per_token(model, context_len),
-        "context_len": context_len,
-        "disk_bytes": disk_bytes(checkpoint),
-        "weight_bytes_per_token": weight_bytes_per_token(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "threads": threads,
-        "prompt_len": prompt_len,
-        "decode_tokens": decode_tokens,
-        "repeats": repeats,
-        "prefill_tokens_per_s": prompt_len / prefill_s,
-        "time_to_first_token_s": prefill_s,
-        "decode_tokens_per_s": 1.0 / decode_s,
-        "decode_latency_ms": 1000 * decode_s,
-    }
+    return (
+        static_metrics(model, checkpoint, context_len)
+        | {
+            "threads": threads,
+            "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens,
+            "repeats": repeats,
+        }
+        | speed_metrics(prefill, decode_medians, prompt_len)
+    )
 
 
 def benchmark_with(model, checkpoint: Path, params, **overrides) -> dict:
@@ -194,7 +211,7 @@ def interleaved_speedup(
         "timings": timings,
     }
     for kind in ("decode", "prefill"):
-        result[kind] = ratio_of_medians(
+        result[kind] = paired_speedup(
             timings["candidate"][kind], timings["dense"][kind], resamples, seed
         ).as_dict()
     result["decode_ideal"] = weight_bytes_per_token(dense) / weight_bytes_per_token(

@@ -29,11 +29,11 @@ from saap.scores import scores_from_stats
 pytestmark = pytest.mark.slow
 
 SETTINGS = EvaluateParams(
-    profiles={"quick": {"limit": 30, "ppl_max_windows": 64, "fidelity_windows": 32}},
+    profiles={"quick": {"limit": 20, "ppl_max_windows": 40, "fidelity_windows": 16}},
     ppl_corpora=["ptb"],
     prompts=[],
 ).resolved()
-BENCH = BenchParams(decode_tokens=16, repeats=10)
+BENCH = BenchParams(decode_tokens=16, repeats=8)
 
 
 def evidence(model, tokenizer, assets, reference, speed_of=None) -> dict:

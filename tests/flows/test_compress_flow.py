@@ -132,6 +132,15 @@ def test_noop_rerun_runs_no_stage(project):
     # `saap run` sees that nothing would change and does not start the flow
     quick = _up_to_date(project)
     assert quick is not None and quick["version"] == "1" and quick["stages_ran"] == []
+    # ... even with the comparison pipeline beside it, whose lock records another
+    # arm (it is never up to date as a whole, and is not part of `saap run`)
+    (project / "compare").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "compare" / "dvc.yaml", project / "compare" / "dvc.yaml")
+    (project / "compare" / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  arm:\n    cmd: python -m stages.compare arm\n"
+    )
+    assert _up_to_date(project) is not None
+    shutil.rmtree(project / "compare")
 
 
 def test_injected_failure_leaves_outputs_and_registry(project):
@@ -226,6 +235,7 @@ def test_nightly_deployment_has_its_schedule(project):
     crons = [s.schedule.cron for s in deployment.schedules]
     assert crons == ["0 3 * * *"]
     assert deployment.work_pool_name == "saap-test-pool"
+    assert deployment.parameters["profile"] == "nightly"
     assert deployment.concurrency_limit == 1 or deployment.global_concurrency_limit
 
 
@@ -354,7 +364,7 @@ def test_a_version_left_ungated_is_gated_by_the_next_run(project):
     )
     assert "gates" not in client.get_model_version(name, ungated.version).tags
     summary = run_flow(project)
-    assert ungated.version in summary["gated_earlier_versions"]
+    assert str(ungated.version) in summary["gated_earlier_versions"]
     assert client.get_model_version(name, ungated.version).tags["gates"] in (
         "pass",
         "fail",

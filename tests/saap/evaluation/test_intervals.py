@@ -10,8 +10,8 @@ from saap.evaluation.intervals import (
     mean_interval,
     paired_difference,
     paired_ratio,
+    paired_speedup,
     perplexity_ratio,
-    ratio_of_medians,
 )
 
 pytestmark = pytest.mark.unit
@@ -70,11 +70,11 @@ def test_perplexity_ratio_is_exp_of_mean_nll_difference():
     assert ratio.value == ratio.lower == ratio.upper == pytest.approx(np.exp(0.5))
 
 
-def test_ratio_of_medians_contains_one_for_the_same_timings():
+def test_paired_speedup_contains_one_for_the_same_timings():
     rng = np.random.default_rng(4)
     timings = rng.normal(20.0, 1.0, 12)
     noisy = timings * rng.normal(1.0, 0.02, 12)
-    speedup = ratio_of_medians(noisy, timings)
+    speedup = paired_speedup(noisy, timings)
     assert speedup.lower < 1.0 < speedup.upper
 
 
@@ -86,4 +86,4 @@ def test_mismatched_documents_are_refused():
     with pytest.raises(DataError, match="same windows"):
         perplexity_ratio(np.ones(3), np.ones(4))
     with pytest.raises(DataError, match="at least 2 paired repeats"):
-        ratio_of_medians(np.ones(1), np.ones(1))
+        paired_speedup(np.ones(1), np.ones(1))
