@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from saap.calibration import make_calibration
 from saap.evaluation.bench import interleaved_speedup
 from saap.evaluation.report import evaluate_model
 from saap.gates import evaluate_gates
 from saap.importance import collect_statistics
-from saap.model import count_params, layer_shapes, load_model
+from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import (
     BenchParams,
     CalibrationParams,
@@ -70,8 +69,8 @@ def test_gates_reject_random_pruning_and_pass_the_dense_model(
         count_params(model),
         PruneParams(ratio=0.2, importance="random", allocation="uniform"),
     )
-    random_pruned = prune_model(model, plan).to(torch.bfloat16)
-    dense = model.to(torch.bfloat16)
+    random_pruned = prune_model(model, plan).to(compute_dtype())
+    dense = model.to(compute_dtype())
 
     dense_evidence = evidence(dense, tokenizer, real_assets, None)
     as_candidate = evidence(dense, tokenizer, real_assets, dense, speed_of=dense)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from saap.calibration import make_calibration
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows, evaluate_model
 from saap.importance import ESTIMATORS, collect_statistics
-from saap.model import count_params, layer_shapes, load_model
+from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import CalibrationParams, EvaluateParams, PruneParams
 from saap.plan import plan_from_scores
 from saap.prune import prune_model
@@ -38,7 +37,7 @@ def test_prune_20_percent_with_each_estimator(smollm2, real_assets, record_prope
     scores = scores_from_stats(stats, list(ESTIMATORS), 0, {"num_layers": 30})
     ptb = corpus_windows(tokenizer, text, "ptb", 128, 40)
     total = count_params(model)
-    dense = perplexity(model.to(torch.bfloat16), ptb)
+    dense = perplexity(model.to(compute_dtype()), ptb)
     model.float()
     results = {"dense": dense}
     for importance in ["saap", *ESTIMATORS]:
@@ -51,7 +50,7 @@ def test_prune_20_percent_with_each_estimator(smollm2, real_assets, record_prope
         pruned = prune_model(model, plan)
         # 20% of all parameters, to within one MLP channel (3 x 576)
         assert abs(total - count_params(pruned) - 0.2 * total) <= 3 * 576
-        results[importance] = perplexity(pruned.to(torch.bfloat16), ptb)
+        results[importance] = perplexity(pruned.to(compute_dtype()), ptb)
     record_property("ptb_ppl_40_windows", json.dumps(results))
     print("PTB perplexity (40 windows):", json.dumps(results, indent=1))
     assert 80 < dense < 150  # DATA.md: about 114 on 300 windows
@@ -68,7 +67,7 @@ def test_dense_model_on_a_fixed_subset(smollm2, real_assets, record_property):
         prompts=["The capital of France is"],
     ).resolved()
     metrics, _ = evaluate_model(
-        model.to(torch.bfloat16),
+        model.to(compute_dtype()),
         tokenizer,
         real_assets / "data/text",
         real_assets / "data/eval",
