@@ -350,7 +350,7 @@ class GatesParams(Section):
         "ptb", description="Corpus of the perplexity gates."
     )
     max_kl: float = Field(
-        0.6, gt=0, description="Mean KL(dense || candidate) per token (nats), at most."
+        1.0, gt=0, description="Mean KL(dense || candidate) per token (nats), at most."
     )
     min_decode_speedup: float = Field(
         1.05, ge=0, description="Candidate decode tokens/s / dense, at least."
