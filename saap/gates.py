@@ -24,7 +24,7 @@ Gates (thresholds in ``params.yaml``, section ``gates``):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -160,20 +160,15 @@ def _accuracy_gate(candidate, dense, params, mode, resamples, seed) -> GateResul
     except (KeyError, ValueError) as exc:
         return failed(name, threshold, "at_least", f"no per-document results: {exc}")
     detail = "macro-mean zero-shot score (acc_norm where defined) / dense, paired"
+    result = gate(name, interval, threshold, "at_least", mode, detail)
     if mode == "decides" and interval.half_width > params.max_half_width:
-        return GateResult(
-            name,
-            interval.value,
-            interval.lower,
-            interval.upper,
-            threshold,
-            "at_least",
-            mode,
-            False,
-            f"{detail}; interval half-width {interval.half_width:.3f} is over "
-            f"{params.max_half_width} (too few documents to decide)",
+        return replace(
+            result,
+            passed=False,
+            detail=f"{detail}; interval half-width {interval.half_width:.3f} is "
+            f"over {params.max_half_width} (too few documents to decide)",
         )
-    return gate(name, interval, threshold, "at_least", mode, detail)
+    return result
 
 
 def _ppl_gate(candidate, dense, params, resamples, seed) -> GateResult:

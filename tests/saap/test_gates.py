@@ -132,6 +132,7 @@ def test_quick_accuracy_blocks_only_clear_damage_nightly_decides():
     nightly = GatesParams(accuracy_decides_in=["quick"])
     gate = by_name(evaluate_gates(quick, dense(), nightly))["accuracy_retention"]
     assert gate.mode == "decides" and not gate.passed
+    assert "too few documents to decide" in gate.detail
 
 
 def test_missing_inputs_fail_closed_with_the_reason():
