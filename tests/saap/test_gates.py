@@ -132,6 +132,13 @@ def test_quick_accuracy_blocks_only_clear_damage_nightly_decides():
     nightly = GatesParams(accuracy_decides_in=["quick"])
     gate = by_name(evaluate_gates(quick, dense(), nightly))["accuracy_retention"]
     assert gate.mode == "decides" and not gate.passed
+    # where accuracy decides, an interval wider than max_half_width fails closed
+    # even when its lower bound clears the threshold
+    strict = GatesParams(accuracy_decides_in=["quick"], max_half_width=0.005)
+    gate = by_name(evaluate_gates(good_candidate(), dense(), strict))[
+        "accuracy_retention"
+    ]
+    assert gate.lower > 0.9 and not gate.passed
     assert "too few documents to decide" in gate.detail
 
 
