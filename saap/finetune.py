@@ -130,14 +130,11 @@ def group_ranks(plan: dict, base_rank: int, num_groups: int) -> dict[int, int]:
     # layers removed whole are gone from the model; the rest are renumbered
     ratios = [layer["ratio"] for layer in plan["layers"] if not layer.get("removed")]
     order = sorted(range(len(ratios)), key=lambda i: -ratios[i])  # most pruned first
-    groups = (
-        [order[g::num_groups] for g in range(num_groups)]
-        if False
-        else [
-            order[len(order) * g // num_groups : len(order) * (g + 1) // num_groups]
-            for g in range(num_groups)
-        ]
-    )
+    # contiguous slices of that order: group 0 holds the most pruned layers
+    groups = [
+        order[len(order) * g // num_groups : len(order) * (g + 1) // num_groups]
+        for g in range(num_groups)
+    ]
     means = [sum(ratios[i] for i in group) / max(len(group), 1) for group in groups]
     total_rank = base_rank * len(ratios)
     weight = sum(m * len(g) for m, g in zip(means, groups, strict=True))
@@ -149,7 +146,7 @@ def group_ranks(plan: dict, base_rank: int, num_groups: int) -> dict[int, int]:
     return ranks
 
 
-def lora_config(params: FinetuneParams, num_layers: int, plan: dict | None):
+def lora_config(params: FinetuneParams, plan: dict | None):
     """The peft LoraConfig of the chosen method."""
     from peft import LoraConfig
 
@@ -278,7 +275,7 @@ def train_lora(
     )
     key = fingerprint(params, train, model)
     peft_model = get_peft_model(
-        model, lora_config(params, len(layer_shapes(model)), plan)
+        model, lora_config(params, plan)
     )
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     accumulation = params.batch_size // params.micro_batch_size

@@ -94,7 +94,7 @@ def layer_options(
         attn_step_cost=step_cost,
         mlp_order=mlp_order,
         mlp_scores_sorted=mlp_sorted,
-        mlp_cost=d * (3 + 0) + 2 * int(shape.mlp_bias),
+        mlp_cost=3 * d + 2 * int(shape.mlp_bias),
         max_attn_steps=min(max_steps, int(cap * units))
         if prunable and params.prune_attention
         else 0,

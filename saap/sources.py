@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,10 +235,3 @@ def hub_snapshot(repo_id: str, kind: str = "model") -> Path:
             "pypi: source"
         ) from None
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder's files (not its subfolders' caches) into ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 import torch
 
 # names of the per-element tensors of one layer, as in the transformer's modules
-PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 # which atom each projection's rows/columns belong to: (atom, axis of the atom)
