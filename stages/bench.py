@@ -15,12 +15,7 @@ import resource
 from pathlib import Path
 
 from saap.atomic import write_json
-from saap.evaluation.bench import (
-    benchmark_with,
-    interleaved_speedup,
-    speed_metrics,
-    static_metrics,
-)
+from saap.evaluation.bench import benchmark_against, benchmark_with
 from saap.model import load_model, torch_dtype
 from saap.params import BenchParams, load_section
 from stages.common import guarded, setup
@@ -43,22 +38,8 @@ def run(
     if dense_dir is None:
         metrics |= benchmark_with(model, model_dir, params)
     else:
-        # the candidate's own figures come from the interleaved repeats too
         dense, _ = load_model(dense_dir, dtype=dtype)
-        speedup = interleaved_speedup(model, dense, params)
-        timings = speedup["timings"]["candidate"]
-        metrics |= static_metrics(model, model_dir, params.context_len) | {
-            "threads": params.threads,
-            "prompt_len": params.prompt_len,
-            "decode_tokens": params.decode_tokens,
-            "repeats": params.repeats,
-        }
-        metrics |= speed_metrics(
-            [params.prompt_len / v for v in timings["prefill"]],
-            [1.0 / v for v in timings["decode"]],
-            params.prompt_len,
-        )
-        metrics["speedup_vs_dense"] = speedup
+        metrics |= benchmark_against(model, model_dir, dense, params)
     # peak resident memory of this process: load + benchmark
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(out, metrics)

@@ -133,14 +133,18 @@ def benchmark(
         decode_medians.append(statistics.median(steps))
     return (
         static_metrics(model, checkpoint, context_len)
-        | {
-            "threads": threads,
-            "prompt_len": prompt_len,
-            "decode_tokens": decode_tokens,
-            "repeats": repeats,
-        }
+        | _settings(threads, prompt_len, decode_tokens, repeats)
         | speed_metrics(prefill, decode_medians, prompt_len)
     )
+
+
+def _settings(threads: int, prompt_len: int, decode_tokens: int, repeats: int):
+    return {
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+    }
 
 
 def benchmark_with(model, checkpoint: Path, params, **overrides) -> dict:
@@ -222,3 +226,22 @@ def interleaved_speedup(
         candidate, context
     )
     return result
+
+
+def benchmark_against(model, checkpoint: Path, dense, params) -> dict:
+    """The edge metrics of a candidate timed interleaved with ``dense``: its own
+    figures from its rounds, and ``speedup_vs_dense`` (:func:`interleaved_speedup`)."""
+    speedup = interleaved_speedup(model, dense, params)
+    rounds = speedup["timings"]["candidate"]
+    return (
+        static_metrics(model, checkpoint, params.context_len)
+        | _settings(
+            params.threads, params.prompt_len, params.decode_tokens, params.repeats
+        )
+        | speed_metrics(
+            [params.prompt_len / v for v in rounds["prefill"]],
+            [1.0 / v for v in rounds["decode"]],
+            params.prompt_len,
+        )
+        | {"speedup_vs_dense": speedup}
+    )
