@@ -91,8 +91,12 @@ def test_gates_reject_random_pruning_and_pass_the_dense_model(
     assert same["accuracy_retention"].value == pytest.approx(1.0)
     assert same["fidelity_kl"].upper == pytest.approx(0.0, abs=1e-6)
     speed = same["decode_speedup"]
-    assert speed.lower <= 1.0 <= speed.upper
-    assert not speed.passed  # 1.0x is not a speedup of at least 1.05
+    # a model timed against itself: near 1.0x (a 95% interval over a few noisy
+    # rounds on a shared machine can miss 1.0 itself, so not asserted), and the
+    # gate must not mistake it for a speedup of at least 1.05
+    assert 0.8 < speed.value < 1.25, speed
+    assert speed.lower < params.min_decode_speedup, speed
+    assert not speed.passed
 
     # random pruning of 20%: perplexity and fidelity reject it clearly
     assert not all(r.passed for r in bad.values())
