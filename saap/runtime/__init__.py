@@ -1,0 +1,1 @@
+"""Edge runtimes the pipeline exports to and measures in (llama.cpp)."""

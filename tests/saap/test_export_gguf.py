@@ -1,0 +1,210 @@
+"""GGUF export parity on the tiny fixtures: a GQA model pruned to uneven per-layer
+sizes (a kv group removed in one layer, odd MLP widths, a removed layer, FLAP bias
+compensation) is written, loaded and run by the pinned llama.cpp, and its logits
+match PyTorch's on the same tokens.
+
+llama.cpp is built once per machine (``make test`` does it first; cached under
+the user cache folder)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saap.errors import ExportError, LlamaCppError
+from saap.export import EXPORTERS, get_exporter
+from saap.export.gguf import (
+    fallbacks,
+    pad_mlp,
+    permute_rotary,
+    read_metadata,
+    write_gguf,
+)
+from saap.model import layer_shapes, load_model, save_checkpoint
+from saap.params import ExportParams
+from saap.prune import prune_model
+from saap.runtime.llamacpp import ensure_llamacpp, logits, perplexity
+
+PROMPT = "The model and the data of the city were small. The river"
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    return ensure_llamacpp()
+
+
+def uneven_plan(shapes) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def channels(n: int) -> list[int]:
+        return sorted(
+            torch.randperm(shapes[0].intermediate_size, generator=g)[:n].tolist()
+        )
+
+    full_heads = list(range(shapes[0].num_heads))
+    full_kv = list(range(shapes[0].num_kv_heads))
+    return {
+        "layers": [
+            {
+                "kept_heads": full_heads,
+                "kept_kv_heads": full_kv,
+                "kept_channels": channels(128),
+            },
+            # one key/value group (and its two query heads) gone, 37 channels
+            {"kept_heads": [2, 3], "kept_kv_heads": [1], "kept_channels": channels(37)},
+            {"removed": True},
+            {
+                "kept_heads": full_heads,
+                "kept_kv_heads": full_kv,
+                "kept_channels": channels(100),
+            },
+        ]
+    }
+
+
+@pytest.fixture(scope="session", params=["tiny_model_dir", "tiny_qwen_dir"])
+def uneven_dir(request, tmp_path_factory):
+    model, tokenizer = load_model(request.getfixturevalue(request.param))
+    shapes = layer_shapes(model)
+    g = torch.Generator().manual_seed(1)
+    means = [
+        {
+            "o": torch.randn(s.num_heads * s.head_dim, generator=g) * 0.1,
+            "down": torch.randn(s.intermediate_size, generator=g) * 0.1,
+        }
+        for s in shapes
+    ]
+    pruned = prune_model(model, uneven_plan(shapes), input_means=means)
+    out = tmp_path_factory.mktemp("uneven") / "model"
+    save_checkpoint(pruned, tokenizer, out)
+    return out
+
+
+def f16_reference_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
+    """PyTorch logits with the matrices rounded to f16 as the file stores them."""
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(param.half().float())
+        ids = torch.as_tensor(tokens, dtype=torch.long)[None]
+        return model(input_ids=ids).logits[0].numpy()
+
+
+def test_uneven_pruned_model_runs_in_llamacpp_with_pytorch_logits(
+    uneven_dir, llamacpp, tmp_path
+):
+    out = tmp_path / "model-f16.gguf"
+    written = write_gguf(uneven_dir, out, llamacpp.source, pre_tokenizer="gpt-2")
+    # per-layer arrays under deci; the removed layer is not written
+    assert written["architecture"] == "deci"
+    assert written["block_count"] == 3
+    assert written["head_count"] == [4, 2, 4]
+    assert written["head_count_kv"] == [2, 1, 2]
+    assert written["feed_forward_length"] == [128, 37, 100]
+    meta = read_metadata(out)
+    assert meta["architecture"] == "deci"
+    assert meta["feed_forward_length"] == [128, 37, 100]
+    assert meta["attention.head_count_kv"] == [2, 1, 2]
+
+    tokens, got = logits(llamacpp, out, PROMPT, tmp_path)
+    _, tokenizer = load_model(uneven_dir)
+    # the exported tokenizer splits the text as the Hugging Face one does
+    assert tokens.tolist() == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    want = f16_reference_logits(uneven_dir, tokens)
+    assert got.shape == want.shape
+    scale = np.abs(want).max()
+    print("max abs logit difference", np.abs(got - want).max(), "of", scale)
+    assert np.abs(got - want).max() < 0.005 * scale, np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_padding_the_mlp_keeps_the_logits_and_fits_quant_blocks(
+    uneven_dir, llamacpp, tmp_path
+):
+    plain, padded = tmp_path / "plain.gguf", tmp_path / "padded.gguf"
+    write_gguf(uneven_dir, plain, llamacpp.source, pre_tokenizer="gpt-2")
+    info = write_gguf(uneven_dir, padded, llamacpp.source, "gpt-2", pad_mlp_to=32)
+    assert info["feed_forward_length"] == [128, 64, 128]
+    assert info["model_feed_forward_length"] == [128, 37, 100]
+    _, a = logits(llamacpp, plain, PROMPT, tmp_path)
+    _, b = logits(llamacpp, padded, PROMPT, tmp_path)
+    np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(a).max())
+
+
+def test_pad_mlp_is_exact_in_pytorch():
+    torch.manual_seed(0)
+    gate, up, down = torch.randn(37, 8), torch.randn(37, 8), torch.randn(8, 37)
+    state = {
+        "l.mlp.gate_proj.weight": gate,
+        "l.mlp.up_proj.weight": up,
+        "l.mlp.down_proj.weight": down,
+    }
+    assert pad_mlp(state, "l.", 37, 32) == 64
+    x = torch.randn(5, 8)
+
+    def mlp(g, u, d):
+        return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+
+    padded = mlp(*(state[f"l.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")))
+    torch.testing.assert_close(padded, mlp(gate, up, down))
+
+
+def test_permute_rotary_matches_llamacpp_converter():
+    # llama.cpp's convert_hf_to_gguf LlamaModel.permute, written out for 2 heads
+    w = torch.arange(2 * 8 * 3).reshape(16, 3)
+    hf_order = w.reshape(2, 2, 4, 3)  # head, half, pair index, column
+    llama_order = hf_order.transpose(1, 2).reshape(16, 3)
+    torch.testing.assert_close(permute_rotary(w, 2), llama_order)
+
+
+def test_exporter_registry_and_quantized_types(uneven_dir, llamacpp, tmp_path):
+    assert "gguf" in EXPORTERS
+    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+        get_exporter("onnx")
+    params = ExportParams(
+        gguf_types=["q8_0", "q4_0"], pre_tokenizer="gpt-2", pad_mlp_to=1
+    )
+    manifest = get_exporter("gguf").export(uneven_dir, tmp_path, params)
+    files = manifest["files"]
+    assert list(files) == ["f16", "q8_0", "q4_0"]
+    for entry in files.values():
+        assert (tmp_path / entry["file"]).stat().st_size == entry["bytes"] > 0
+    # hidden 64 fits blocks of 32; the unpadded 37-wide down projection does not
+    assert "blk.1.ffn_down.weight" in files["q8_0"]["fallbacks"]
+    assert files["q8_0"]["fallbacks"]["blk.1.ffn_down.weight"]["stored"] == "f16"
+    assert files["q8_0"]["tensor_types"]["Q8_0"] > 0
+    assert files["q8_0"]["bytes"] < files["f16"]["bytes"]
+    json.dumps(manifest)  # the manifest is plain JSON
+
+
+def test_fallbacks_parse_llama_quantize_lines():
+    line = (
+        "warning: blk.3.ffn_down.weight                 - ncols   1069 not divisible "
+        "by  32 (required for type    q8_0) (WARNING: must use F16 due to unusual "
+        "shape) -> falling back to     f16\n"
+    )
+    assert fallbacks(line) == {
+        "blk.3.ffn_down.weight": {
+            "ncols": 1069,
+            "block": 32,
+            "wanted": "q8_0",
+            "stored": "f16",
+        }
+    }
+
+
+def test_unknown_pre_tokenizer_is_a_named_error(tiny_model_dir, llamacpp, tmp_path):
+    with pytest.raises(ExportError, match="export.pre_tokenizer"):
+        write_gguf(tiny_model_dir, tmp_path / "x.gguf", llamacpp.source)
+    assert not list(tmp_path.iterdir())
+
+
+def test_llamacpp_refusal_is_reported_and_leaves_no_file(llamacpp, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(LlamaCppError, match="llama-perplexity failed"):
+        perplexity(llamacpp, bad, tmp_path / "bad.gguf", 16, 1, 1)
