@@ -309,6 +309,7 @@ def register_version(
     if not (checkpoint / "config.json").is_file():
         raise RegistryError(f"{checkpoint} holds no checkpoint; its stage did not run")
     client.log_artifacts(run_id, str(checkpoint), "model")
+    tags = dict(tags) | log_gguf(client, run_id, project, variant)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -319,6 +320,25 @@ def register_version(
     )
     client.set_registered_model_alias(name, "candidate", version.version)
     return version
+
+
+def log_gguf(client: MlflowClient, run_id: str, project: Path, variant: str) -> dict:
+    """Log the variant's quantized GGUF files (the f16 reference stays a DVC output)
+    and its export.json under ``gguf/``; version tags with each file's size."""
+    folder = project / "models" / "gguf" / variant
+    manifest = folder / "export.json"
+    if not manifest.is_file():
+        return {}
+    files = json.loads(manifest.read_text()).get("gguf", {}).get("files", {})
+    client.log_artifact(run_id, str(manifest), "gguf")
+    tags = {}
+    for kind, entry in files.items():
+        tags[f"gguf.{kind}.bytes"] = str(entry["bytes"])
+        if kind == "f16":
+            continue
+        client.log_artifact(run_id, str(folder / entry["file"]), "gguf")
+        tags[f"gguf.{kind}.artifact"] = f"gguf/{entry['file']}"
+    return tags
 
 
 def version_evidence(client: MlflowClient, name: str, version: str) -> dict:

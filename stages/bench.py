@@ -54,6 +54,14 @@ def run(
     gguf_dir: Path | None = None,
     dense_gguf_dir: Path | None = None,
 ) -> dict:
+    # the GGUF inputs are checked before any timing starts
+    gguf = gguf_files(gguf_dir) if gguf_dir is not None else None
+    dense_gguf = gguf_files(dense_gguf_dir) if dense_gguf_dir is not None else None
+    if gguf is not None and dense_gguf is not None and set(dense_gguf) != set(gguf):
+        raise DataError(
+            f"{gguf_dir} has types {sorted(gguf)}, {dense_gguf_dir} "
+            f"{sorted(dense_gguf)}; export both with the same export.gguf_types"
+        )
     dtype = torch_dtype(params.dtype)
     model, _ = load_model(model_dir, dtype=dtype)
     metrics = {"schema": SCHEMA, "variant": variant, "checkpoint": str(model_dir)}
@@ -68,15 +76,8 @@ def run(
     if gguf_dir is not None:
         from saap.runtime.llamacpp import ensure_llamacpp
 
-        candidate = gguf_files(gguf_dir)
-        dense = gguf_files(dense_gguf_dir) if dense_gguf_dir is not None else None
-        if dense is not None and set(dense) != set(candidate):
-            raise DataError(
-                f"{gguf_dir} has types {sorted(candidate)}, {dense_gguf_dir} "
-                f"{sorted(dense)}; export both with the same export.gguf_types"
-            )
         metrics["llamacpp"] = llamacpp_benchmark(
-            ensure_llamacpp(), candidate, params, dense
+            ensure_llamacpp(), gguf, params, dense_gguf
         )
     write_json(out, metrics)
     return metrics

@@ -412,3 +412,17 @@ def interleaved_bench(
             for kind, value in speeds.items():
                 out[name][kind].append(value)
     return out
+
+
+def main() -> None:
+    """``python -m saap.runtime.llamacpp``: build (once) and print the build record."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tools = ensure_llamacpp()
+    except (LlamaCppError, SourceError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps({"root": str(tools.root)} | tools.info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

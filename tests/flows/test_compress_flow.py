@@ -68,6 +68,8 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
             "warmup": 1,
             "threads": 1,
         },
+        # the fixture's byte-level BPE splits text as GPT-2 does
+        export={"pre_tokenizer": "gpt-2", "gguf_types": ["f16", "q8_0"], "threads": 1},
         gates={
             "min_accuracy_retention": 0.0,
             "max_ppl_ratio": 100.0,
@@ -120,7 +122,14 @@ def test_full_flow_registers_and_promotes(project):
     assert any(tag.startswith("dvc.prune:") for tag in run.data.tags)
     assert "dvc.bench.pruned:metrics/bench/pruned.json" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "pipeline", "plots", "eval", "bench"} <= artifacts
+    assert {"model", "pipeline", "plots", "eval", "bench", "gguf"} <= artifacts
+    # the quantized GGUF goes with the version; the speed gate read llama.cpp
+    gguf = {a.path for a in client.list_artifacts(run.info.run_id, "gguf")}
+    assert {"gguf/model-q8_0.gguf", "gguf/export.json"} <= gguf
+    assert int(version.tags["gguf.q8_0.bytes"]) > 0
+    assert "llama.cpp f16 GGUF" in version.tags["gate.decode_speedup.detail"]
+    bench = json.loads((project / "metrics/bench/finetuned.json").read_text())
+    assert bench["llamacpp"]["types"]["q8_0"]["speedup"]["decode"]["n"] == 4
 
 
 def test_noop_rerun_runs_no_stage(project):
