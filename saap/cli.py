@@ -22,6 +22,8 @@ STAGES = {
     "importance": "score every prunable group with every estimator",
     "ranking": "fuse scores, rank layers, allocate ratios: artifacts/plan/plan.json",
     "prune": "replay the plan on the base model: models/pruned",
+    "export": "write a checkpoint as GGUF (f16 + quantized types) for llama.cpp: "
+    "models/gguf/<variant>",
 }
 
 

@@ -359,7 +359,8 @@ def complete(
             "0",
         ],
     )
-    return result.stdout
+    # llama-completion ends its output with one "\n\n" of its own
+    return result.stdout.removesuffix("\n\n")
 
 
 def bench_once(

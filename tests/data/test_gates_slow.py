@@ -1,6 +1,7 @@
 """Gate audit on the real SmolLM2-135M (slow): a random-pruned 20% candidate is
 rejected; the dense model offered as a candidate passes retention, perplexity
-and fidelity, and its measured speedup interval contains 1."""
+and fidelity, and its llama.cpp speed against itself (the same f16 GGUF run
+interleaved with itself) is near 1.0x and does not pass the speed gate."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import json
 import pytest
 
 from saap.calibration import make_calibration
-from saap.evaluation.bench import interleaved_speedup
+from saap.evaluation.bench import llamacpp_benchmark
 from saap.evaluation.report import evaluate_model
+from saap.export.gguf import write_gguf
 from saap.gates import evaluate_gates
 from saap.importance import collect_statistics
-from saap.model import compute_dtype, count_params, layer_shapes, load_model
+from saap.model import (
+    compute_dtype,
+    count_params,
+    layer_shapes,
+    load_model,
+    save_checkpoint,
+)
 from saap.params import (
     BenchParams,
     CalibrationParams,
@@ -23,6 +31,7 @@ from saap.params import (
 )
 from saap.plan import plan_from_scores
 from saap.prune import prune_model
+from saap.runtime.llamacpp import ensure_llamacpp
 from saap.scores import scores_from_stats
 
 pytestmark = pytest.mark.slow
@@ -35,7 +44,7 @@ SETTINGS = EvaluateParams(
 BENCH = BenchParams(decode_tokens=16, repeats=8)
 
 
-def evidence(model, tokenizer, assets, reference, speed_of=None) -> dict:
+def evidence(model, tokenizer, assets, reference, gguf=None, dense_gguf=None) -> dict:
     metrics, documents = evaluate_model(
         model,
         tokenizer,
@@ -47,13 +56,15 @@ def evidence(model, tokenizer, assets, reference, speed_of=None) -> dict:
         reference=reference,
     )
     bench = {}
-    if speed_of is not None:
-        bench["speedup_vs_dense"] = interleaved_speedup(model, speed_of, BENCH)
+    if gguf is not None:
+        bench["llamacpp"] = llamacpp_benchmark(
+            ensure_llamacpp(), {"f16": gguf}, BENCH, {"f16": dense_gguf}
+        )
     return {"eval": metrics, "documents": documents, "bench": bench}
 
 
 def test_gates_reject_random_pruning_and_pass_the_dense_model(
-    real_assets, record_property
+    real_assets, record_property, tmp_path
 ):
     model, tokenizer = load_model(real_assets / "models/base")
     tensors, _ = make_calibration(
@@ -69,19 +80,38 @@ def test_gates_reject_random_pruning_and_pass_the_dense_model(
         count_params(model),
         PruneParams(ratio=0.2, importance="random", allocation="uniform"),
     )
-    random_pruned = prune_model(model, plan).to(compute_dtype())
+    random_pruned = prune_model(model, plan)
+    save_checkpoint(random_pruned, tokenizer, tmp_path / "random")
+    source = ensure_llamacpp().source
+    write_gguf(real_assets / "models/base", tmp_path / "dense.gguf", source)
+    write_gguf(tmp_path / "random", tmp_path / "random.gguf", source)
+    random_pruned = random_pruned.to(compute_dtype())
     dense = model.to(compute_dtype())
 
+    dense_gguf = tmp_path / "dense.gguf"
     dense_evidence = evidence(dense, tokenizer, real_assets, None)
-    as_candidate = evidence(dense, tokenizer, real_assets, dense, speed_of=dense)
-    damaged = evidence(random_pruned, tokenizer, real_assets, dense, speed_of=dense)
+    as_candidate = evidence(
+        dense, tokenizer, real_assets, dense, dense_gguf, dense_gguf
+    )
+    damaged = evidence(
+        random_pruned,
+        tokenizer,
+        real_assets,
+        dense,
+        tmp_path / "random.gguf",
+        dense_gguf,
+    )
     params = GatesParams()
     same = {r.name: r for r in evaluate_gates(as_candidate, dense_evidence, params)}
     bad = {r.name: r for r in evaluate_gates(damaged, dense_evidence, params)}
     record_property(
         "gates",
-        json.dumps({"dense": {k: v.as_dict() for k, v in same.items()},
-                    "random": {k: v.as_dict() for k, v in bad.items()}}),
+        json.dumps(
+            {
+                "dense": {k: v.as_dict() for k, v in same.items()},
+                "random": {k: v.as_dict() for k, v in bad.items()},
+            }
+        ),
     )
     print(json.dumps({k: (v.value, v.lower, v.upper) for k, v in bad.items()}))
 
