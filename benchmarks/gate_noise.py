@@ -3,8 +3,9 @@ evaluations of the same candidate agree?
 
 For each profile: the dense model is evaluated once (or its evaluation by the
 pipeline is reused, ``--dense-metrics``); the candidate is evaluated
-``--repeats`` times from scratch and benchmarked (interleaved with dense)
-``--bench-repeats`` times, and the gates are computed from each repeat.
+``--repeats`` times from scratch and benchmarked in llama.cpp (its exported GGUF
+interleaved with the dense one) ``--bench-repeats`` times, and the gates are
+computed from each repeat.
 Reported: the wall time of one candidate evaluation, every gate's value,
 interval and half-width per repeat, whether the per-document results of the
 repeated evaluations are identical to each other and to the pipeline's own
@@ -33,11 +34,13 @@ from pathlib import Path
 import torch
 
 from saap.atomic import write_json
-from saap.evaluation.bench import interleaved_speedup
+from saap.evaluation.bench import llamacpp_benchmark
 from saap.evaluation.report import evaluate_model
 from saap.gates import evaluate_gates
 from saap.model import compute_dtype, load_model
 from saap.params import load_section
+from saap.runtime.llamacpp import ensure_llamacpp
+from stages.bench import gguf_files
 
 
 def report(results: dict, out: Path) -> None:
@@ -48,7 +51,8 @@ def report(results: dict, out: Path) -> None:
         "dense SmolLM2-135M; 2 CPU threads, dtype as recorded below. Commands: "
         + " then ".join(f"`{c}`" for c in results.get("commands", []))
         + ". Intervals are 95% paired bootstrap intervals (2,000 resamples); the "
-        "speedup interval bootstraps the interleaved repeat pairs of one bench run.",
+        "speedup interval bootstraps the interleaved repeat pairs of one llama.cpp "
+        "bench run (the gate's GGUF type, against the dense file of that type).",
         "",
     ]
     for profile, run in results.get("profiles", {}).items():
@@ -98,9 +102,7 @@ def report(results: dict, out: Path) -> None:
             "",
             f"Verdicts of the {len(verdicts)} repeats "
             f"{'agree' if agree else 'DISAGREE'}: "
-            + ", ".join(
-                "promote" if all(v) else "keep champion" for v in verdicts
-            )
+            + ", ".join("promote" if all(v) else "keep champion" for v in verdicts)
             + ".",
             "",
         ]
@@ -126,6 +128,10 @@ def main() -> None:
     )
     parser.add_argument("--dense", type=Path, default=Path("models/base"))
     parser.add_argument("--candidate", type=Path, default=Path("models/finetuned"))
+    parser.add_argument(
+        "--gguf", type=Path, default=Path("models/gguf/finetuned"), help="export"
+    )
+    parser.add_argument("--dense-gguf", type=Path, default=Path("models/gguf/dense"))
     parser.add_argument("--text", type=Path, default=Path("data/text"))
     parser.add_argument("--eval", type=Path, default=Path("data/eval"))
     parser.add_argument("--json", type=Path, default=Path("docs/bench_gates.json"))
@@ -198,12 +204,18 @@ def main() -> None:
                     f"{metrics['eval_config_hash']}"
                 )
         started = time.perf_counter()
-        speedup = interleaved_speedup(candidate, dense, bench)
+        kind = gates.speed_gguf_type
+        runtime = llamacpp_benchmark(
+            ensure_llamacpp(),
+            {kind: gguf_files(args.gguf)[kind]},
+            bench,
+            {kind: gguf_files(args.dense_gguf)[kind]},
+        )
         bench_s = time.perf_counter() - started
         evidence = {
             "eval": metrics,
             "documents": documents,
-            "bench": {"speedup_vs_dense": speedup},
+            "bench": {"llamacpp": runtime},
         }
         verdicts = evaluate_gates(evidence, dense_evidence, gates)
         run["repeats"].append(
