@@ -131,3 +131,71 @@ def test_hub_without_network_fails_fast_with_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="use dir:/path/to/checkpoint"):
         sources.hub_snapshot("HuggingFaceTB/definitely-not-cached-model-xyz")
+
+
+@pytest.fixture
+def sdist_index(tmp_path, monkeypatch):
+    """A PEP 691 JSON simple index on loopback serving one sdist."""
+    import functools
+    import hashlib
+    import http.server
+    import json
+    import threading
+
+    root = tmp_path / "index"
+    (root / "simple/saaptinysdist").mkdir(parents=True)
+    (root / "files").mkdir()
+    sdist = root / "files/saaptinysdist-0.1.tar.gz"
+    sdist.write_bytes(b"not really a tarball")
+    listing = {
+        "files": [
+            {
+                "filename": sdist.name,
+                "url": f"../../files/{sdist.name}",
+                "hashes": {"sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()},
+            }
+        ]
+    }
+    (root / "simple/saaptinysdist/index.html").write_text(json.dumps(listing))
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(root)
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(
+        "SAAP_PYPI_SIMPLE", f"http://127.0.0.1:{server.server_port}/simple"
+    )
+    yield tmp_path / "cache", sdist
+    server.shutdown()
+
+
+def test_sdist_is_fetched_by_url_and_verified_without_pip(sdist_index, monkeypatch):
+    cache, sdist = sdist_index
+    digest = sources.sha256_of(sdist)
+    monkeypatch.setitem(
+        sources.PACKAGES,
+        "saaptinysdist",
+        PinnedPackage("saaptinysdist==0.1", sdist.name, digest, sdist=True),
+    )
+    # pip is never asked: it would run the sdist's build backend for metadata
+    monkeypatch.setattr(sources.subprocess, "run", None)
+    path = fetch_package("saaptinysdist", cache)
+    assert path.read_bytes() == sdist.read_bytes()
+
+    monkeypatch.setitem(
+        sources.PACKAGES,
+        "saaptinysdist",
+        PinnedPackage("saaptinysdist==0.1", sdist.name, "0" * 64, sdist=True),
+    )
+    path.unlink()
+    with pytest.raises(ChecksumError, match="expected 0000"):
+        fetch_package("saaptinysdist", cache)
+    assert list((cache / "downloads").iterdir()) == []
+
+    monkeypatch.setitem(
+        sources.PACKAGES,
+        "saaptinysdist",
+        PinnedPackage("saaptinysdist==0.2", "saaptinysdist-0.2.tar.gz", digest, True),
+    )
+    with pytest.raises(SourceError, match="lists no saaptinysdist-0.2.tar.gz"):
+        fetch_package("saaptinysdist", cache)
