@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # CI runs the slow tests (real SmolLM2-135M downloads) too; locally `make test-all`
 PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
-.PHONY: install llamacpp run compare test test-all lint clean
+.PHONY: install llamacpp setup run compare test test-all lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -23,21 +23,27 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
-# ~/.cache/saap/llama.cpp; about 7.5 min on 2 cores the first time)
-llamacpp: $(STAMP)
-	$(BIN)/python -m saap.runtime.llamacpp
+# ~/.cache/saap/llama.cpp; about 7.5 min on 2 idle cores the first time). The
+# module needs only the standard library, so it runs before .venv exists and
+# `run`/`test` overlap it with the install (mostly downloads).
+llamacpp:
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp
 
-run: $(STAMP) llamacpp
+setup:
+	$(MAKE) -j2 $(STAMP) llamacpp
+
+run: setup
 	$(BIN)/saap run
 
 # the side-by-side comparison (docs/results.md); about an hour on 2 cores
 compare: $(STAMP)
 	$(BIN)/saap compare
 
-test: $(STAMP) llamacpp
+test: setup
 	$(BIN)/python -m pytest $(if $(PYTEST_MARKERS),-m "$(PYTEST_MARKERS)") tests
 
-test-all: $(STAMP) llamacpp
+test-all: setup
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
