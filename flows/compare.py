@@ -23,7 +23,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.compress import StageFailedError, _retry_transient, project_lock, repro_stage
+from flows.compress import repro_stage
+from flows.stagerun import (
+    StageFailedError,
+    project_lock,
+    retry_transient,
+    stage_error_file,
+)
 from saap.atomic import atomic_file, write_json
 from saap.compare import (
     METHODS,
@@ -44,13 +50,11 @@ def arm_name(run_id: str, method: str, ratio: float) -> str:
     return f"cmp-{run_id}-{method.replace('_', '-')}-{round(ratio * 100):02d}"
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> dict:
     """One DVC experiment; returns the arm's metrics as DVC recorded them."""
     logger = get_run_logger()
     root = Path(project)
-    error_file = root / ".dvc" / "tmp" / f"saap-compare-error-{os.getpid()}.txt"
-    error_file.unlink(missing_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -65,29 +69,29 @@ def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> di
         "-S",
         f"compare.ratio={ratio}",
     ]
-    env = os.environ | {
-        "SAAP_STAGE_ERROR_FILE": str(error_file),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
     started = time.perf_counter()
-    # an experiment of this name left by an interrupted run (same baseline
-    # commit) would make `dvc exp run --name` refuse; it was never gathered
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "remove", name],
-        cwd=root,
-        env=env,
-        check=False,
-        capture_output=True,
-    )
-    result = subprocess.run(command, cwd=root, env=env, check=False)
-    if result.returncode != 0:
-        message = (
-            error_file.read_text().strip()
-            if error_file.is_file()
-            else f"`{' '.join(command[2:])}` exited with {result.returncode}"
+    with stage_error_file(root, "saap-compare-error") as error_file:
+        env = os.environ | {
+            "SAAP_STAGE_ERROR_FILE": str(error_file),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        # an experiment of this name left by an interrupted run (same baseline
+        # commit) would make `dvc exp run --name` refuse; it was never gathered
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "remove", name],
+            cwd=root,
+            env=env,
+            check=False,
+            capture_output=True,
         )
-        error_file.unlink(missing_ok=True)
-        raise StageFailedError(f"arm {method} @ {ratio} failed: {message}")
+        result = subprocess.run(command, cwd=root, env=env, check=False)
+        if result.returncode != 0:
+            message = (
+                error_file.read_text().strip()
+                if error_file.is_file()
+                else f"`{' '.join(command[2:])}` exited with {result.returncode}"
+            )
+            raise StageFailedError(f"arm {method} @ {ratio} failed: {message}")
     record = json.loads((root / "metrics" / "compare" / "arm.json").read_text())
     if record["method"] != method or (
         method != "dense" and abs(record["ratio"] - ratio) > 1e-9

@@ -12,7 +12,6 @@ outputs: the second waits, then fails cleanly if the first does not finish.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import sys
@@ -23,65 +22,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
-from saap.errors import SaapError, SourceError
+from flows.stagerun import (  # noqa: F401  (ConcurrentRunError: part of this API)
+    ConcurrentRunError,
+    StageFailedError,
+    project_lock,
+    retry_transient,
+    stage_error_file,
+)
 from saap.params import GatesParams, load_section
 
 log = logging.getLogger(__name__)
-
-LOCK_NAME = "saap-compress.lock"
-
-
-class ConcurrentRunError(SaapError):
-    """Another compress run holds the project lock."""
-
-
-class StageFailedError(SaapError):
-    """A DVC stage exited with an error; the message is the stage's own."""
-
-
-@contextlib.contextmanager
-def project_lock(project: Path, timeout_s: float) -> Iterator[None]:
-    """Hold an exclusive lock on the project; wait up to ``timeout_s`` for it."""
-    lock_dir = project / ".dvc" / "tmp"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    handle = (lock_dir / LOCK_NAME).open("a+")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ConcurrentRunError(
-                        f"another compress run holds {lock_dir / LOCK_NAME} after "
-                        f"{timeout_s:.0f} s of waiting; let it finish (or raise "
-                        "lock_timeout_s) and run again"
-                    ) from None
-                time.sleep(1.0)
-        yield
-    finally:
-        handle.close()
-
-
-def is_transient(exc: BaseException) -> bool:
-    """DVC lock contention and download/network errors are worth a retry."""
-    from dvc.exceptions import LockError
-
-    text = str(exc).lower()
-    if isinstance(exc, LockError):
-        return True
-    return isinstance(exc, SourceError | ConnectionError | TimeoutError) and any(
-        word in text for word in ("timed out", "connection", "temporarily", "network")
-    )
-
-
-def _retry_transient(_task, _task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - the state's own exception
-        return is_transient(exc)
-    return False
 
 
 def pipeline_stages(project: Path) -> list[str]:
@@ -99,7 +49,7 @@ def pipeline_stages(project: Path) -> list[str]:
         ]
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def repro_stage(project: str, stage: str) -> bool:
     """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
     from dvc.exceptions import ReproductionError
@@ -107,19 +57,17 @@ def repro_stage(project: str, stage: str) -> bool:
 
     logger = get_run_logger()
     started = time.perf_counter()
-    error_file = Path(project) / ".dvc" / "tmp" / f"saap-error-{os.getpid()}.txt"
-    error_file.unlink(missing_ok=True)
-    os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
-    try:
-        # DVC resolves some paths against the working directory: work inside the repo
-        with contextlib.chdir(project), Repo(project) as repo:
-            ran = repo.reproduce(stage, single_item=True)
-    except ReproductionError as exc:
-        message = error_file.read_text().strip() if error_file.is_file() else str(exc)
-        raise StageFailedError(f"stage {stage} failed: {message}") from exc
-    finally:
-        os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
-        error_file.unlink(missing_ok=True)
+    with stage_error_file(Path(project), "saap-error") as error_file:
+        os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
+        try:
+            # DVC resolves some paths against the working directory
+            with contextlib.chdir(project), Repo(project) as repo:
+                ran = repo.reproduce(stage, single_item=True)
+        except ReproductionError as exc:
+            message = error_file.read_text().strip() if error_file.is_file() else exc
+            raise StageFailedError(f"stage {stage} failed: {message}") from exc
+        finally:
+            os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
     seconds = time.perf_counter() - started
     logger.info("%s: %s (%.1f s)", stage, "ran" if ran else "up to date", seconds)
     return bool(ran)
