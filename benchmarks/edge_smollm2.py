@@ -72,7 +72,14 @@ def main() -> None:
     parser.add_argument("--verdict-runs", type=int, default=3)
     parser.add_argument("--ppl-chunks", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("docs/bench_edge.md"))
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-render the .md from the .json"
+    )
     args = parser.parse_args()
+    if args.render_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.write_text(render(report))
+        return
     torch.set_num_threads(2)
     tools = ensure_llamacpp()
     export_params = load_section(args.params, "export")
@@ -181,9 +188,10 @@ def render(report: dict) -> str:
     for row in report["rows"]:
         size = row["bytes"] / 2**20
         if "runs" not in row:
+            # the dense file's speeds are those measured beside each candidate
             lines.append(
                 f"| {row['label']} | {row['type']} | {size:.1f} | {row['ppl_ptb']:.2f} "
-                "| (see rows) | | 1 | 1 | 1 |"
+                "| (in each row below) | (in each row below) | 1 | 1 | 1 |"
             )
             continue
         run = row["runs"][0]
