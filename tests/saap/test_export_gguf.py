@@ -208,3 +208,39 @@ def test_llamacpp_refusal_is_reported_and_leaves_no_file(llamacpp, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(LlamaCppError, match="llama-perplexity failed"):
         perplexity(llamacpp, bad, tmp_path / "bad.gguf", 16, 1, 1)
+
+
+def test_llama_quantize_refusal_leaves_no_file(llamacpp, tmp_path):
+    from saap.runtime.llamacpp import quantize
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    out = tmp_path / "out-q8_0.gguf"
+    with pytest.raises(LlamaCppError, match="llama-quantize failed"):
+        quantize(llamacpp, bad, out, "q8_0", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_missing_cmake_is_one_error_naming_what_to_install(monkeypatch):
+    from saap.runtime import llamacpp as runtime
+
+    real_which = runtime.shutil.which
+    monkeypatch.setattr(
+        runtime.shutil,
+        "which",
+        lambda name: None if name == "cmake" else real_which(name),
+    )
+    with pytest.raises(LlamaCppError, match="needs cmake.*apt-get install cmake g"):
+        runtime.check_toolchain()
+
+
+def test_isa_options_follow_the_cpu_flags():
+    from saap.runtime.llamacpp import isa_options
+
+    avx2 = isa_options({"avx", "avx2", "fma", "f16c", "sse4_2", "bmi2"}, "x86_64")
+    assert avx2["GGML_NATIVE"] == "OFF" and avx2["GGML_AVX2"] == "ON"
+    assert avx2["GGML_AVX512"] == "OFF" and avx2["GGML_AMX_INT8"] == "OFF"
+    amx = isa_options({"avx2", "avx512f", "amx_tile", "amx_int8"}, "x86_64")
+    assert amx["GGML_AVX512"] == "ON" and amx["GGML_AMX_INT8"] == "ON"
+    # other architectures keep ggml's portable defaults
+    assert isa_options({"neon"}, "aarch64") == {"GGML_NATIVE": "OFF"}
