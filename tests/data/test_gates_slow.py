@@ -8,31 +8,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from realkit import prune_real
 
-from saap.calibration import make_calibration
 from saap.evaluation.bench import llamacpp_benchmark
 from saap.evaluation.report import evaluate_model
 from saap.export.gguf import write_gguf
 from saap.gates import evaluate_gates
-from saap.importance import collect_statistics
 from saap.model import (
     compute_dtype,
-    count_params,
-    layer_shapes,
-    load_model,
     save_checkpoint,
 )
 from saap.params import (
     BenchParams,
-    CalibrationParams,
     EvaluateParams,
     GatesParams,
-    PruneParams,
 )
-from saap.plan import plan_from_scores
-from saap.prune import prune_model
 from saap.runtime.llamacpp import ensure_llamacpp
-from saap.scores import scores_from_stats
 
 pytestmark = pytest.mark.slow
 
@@ -66,21 +57,7 @@ def evidence(model, tokenizer, assets, reference, gguf=None, dense_gguf=None) ->
 def test_gates_reject_random_pruning_and_pass_the_dense_model(
     real_assets, record_property, tmp_path
 ):
-    model, tokenizer = load_model(real_assets / "models/base")
-    tensors, _ = make_calibration(
-        tokenizer,
-        real_assets / "data/text",
-        CalibrationParams(num_samples=8, holdout_samples=0),
-    )
-    stats = collect_statistics(model, tensors["input_ids"], batch_size=4)
-    scores = scores_from_stats(stats, ["random"], 0, {"num_layers": 30})
-    plan = plan_from_scores(
-        scores,
-        layer_shapes(model),
-        count_params(model),
-        PruneParams(ratio=0.2, importance="random", allocation="uniform"),
-    )
-    random_pruned = prune_model(model, plan)
+    model, tokenizer, random_pruned = prune_real(real_assets, "random", "uniform")
     save_checkpoint(random_pruned, tokenizer, tmp_path / "random")
     source = ensure_llamacpp().source
     write_gguf(real_assets / "models/base", tmp_path / "dense.gguf", source)

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from realkit import prune_real
 
-from saap.calibration import make_calibration
 from saap.evaluation.perplexity import llamacpp_protocol_perplexity
 from saap.export.gguf import write_gguf
-from saap.importance import collect_statistics
-from saap.model import count_params, layer_shapes, load_model, save_checkpoint
-from saap.params import CalibrationParams, EvaluateParams, PruneParams
-from saap.plan import plan_from_scores
-from saap.prune import prune_model
+from saap.model import load_model, save_checkpoint
+from saap.params import EvaluateParams
 from saap.runtime.llamacpp import complete, ensure_llamacpp, perplexity
-from saap.scores import scores_from_stats
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +24,7 @@ PROMPTS = EvaluateParams().prompts  # the README's prompts
 @pytest.fixture(scope="module")
 def checkpoints(real_assets, tmp_path_factory):
     """The dense checkpoint and a Taylor-pruned 20% one (adaptive allocation)."""
-    model, tokenizer = load_model(real_assets / "models/base")
-    tensors, _ = make_calibration(
-        tokenizer,
-        real_assets / "data/text",
-        CalibrationParams(num_samples=8, holdout_samples=0),
-    )
-    stats = collect_statistics(model, tensors["input_ids"], batch_size=4)
-    scores = scores_from_stats(stats, ["taylor_element1"], 0, {"num_layers": 30})
-    plan = plan_from_scores(
-        scores,
-        layer_shapes(model),
-        count_params(model),
-        PruneParams(ratio=0.2, importance="taylor_element1", allocation="adaptive"),
-    )
-    pruned = prune_model(model, plan)
+    _, tokenizer, pruned = prune_real(real_assets, "taylor_element1", "adaptive")
     out = tmp_path_factory.mktemp("pruned") / "model"
     save_checkpoint(pruned, tokenizer, out)
     return {"dense": real_assets / "models/base", "pruned": out}
