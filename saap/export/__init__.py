@@ -3,12 +3,15 @@
 An exporter turns a checkpoint folder into files an edge runtime loads, and returns
 a manifest (files, sizes, what was written). ``export.formats`` in params.yaml
 names the exporters a run uses; the names are this registry's. Adding a format
-(ONNX, ExecuTorch, ...) is one module with a class like :class:`GGUFExporter`
-decorated with :func:`register`, imported below, plus its test.
+(ONNX, ExecuTorch, ...) is one module in this package with a class like
+``saap.export.gguf.GGUFExporter`` decorated with :func:`register`, plus its test:
+every module of the package is imported below, so nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Protocol
 
@@ -40,4 +43,6 @@ def get_exporter(name: str) -> Exporter:
     return EXPORTERS[name]
 
 
-from saap.export import gguf as _gguf  # noqa: E402,F401  (registers "gguf")
+# each module registers its exporters when imported
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -244,3 +244,13 @@ def test_isa_options_follow_the_cpu_flags():
     assert amx["GGML_AVX512"] == "ON" and amx["GGML_AMX_INT8"] == "ON"
     # other architectures keep ggml's portable defaults
     assert isa_options({"neon"}, "aarch64") == {"GGML_NATIVE": "OFF"}
+
+
+def test_every_module_of_the_export_package_registers_its_exporter():
+    import pkgutil
+
+    import saap.export
+
+    modules = {m.name for m in pkgutil.iter_modules(saap.export.__path__)}
+    registered = {type(e).__module__.rsplit(".", 1)[1] for e in EXPORTERS.values()}
+    assert modules == registered == {"gguf"}
