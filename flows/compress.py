@@ -122,6 +122,7 @@ def track_and_promote(
                 and str(champion.version) == str(latest.version),
                 "gates": gated.get(str(latest.version))
                 or "unchanged (same model and evaluation as the newest version)",
+                "unchanged": True,
                 "gated_earlier_versions": sorted(gated),
             }
     version = tracking.register_version(
@@ -224,10 +225,17 @@ def compress(
         "mlflow_run_id": run.info.run_id,
         "stages_ran": [s for s, r in ran.items() if r],
     }
-    logger.info(
-        "registered %s v%s; champion %s",
-        summary["registered_model"],
-        summary["version"],
-        "moved" if summary["promoted"] else "unchanged",
-    )
+    if summary.get("unchanged"):
+        logger.info(
+            "nothing new to register: %s v%s is the same model and evidence",
+            summary["registered_model"],
+            summary["version"],
+        )
+    else:
+        logger.info(
+            "registered %s v%s; champion %s",
+            summary["registered_model"],
+            summary["version"],
+            "moved" if summary["promoted"] else "unchanged",
+        )
     return summary
