@@ -138,6 +138,7 @@ def test_noop_rerun_runs_no_stage(project):
     summary = run_flow(project)
     assert summary["stages_ran"] == []
     assert summary["version"] == "1"  # same model: no new version
+    assert summary["unchanged"] is True
     # `saap run` sees that nothing would change and does not start the flow
     quick = _up_to_date(project)
     assert quick is not None and quick["version"] == "1" and quick["stages_ran"] == []
