@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from saap.compare import build_arm_plan
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
+from saap.methods import build_arm_plan
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import load_section
 from saap.prune import prune_model
@@ -86,11 +86,11 @@ def main() -> None:
             copy.deepcopy(model), plan, scores.input_means if bias else None
         ).to(torch.bfloat16)
         ppl = {c: perplexity(pruned, w) for c, w in corpora.items()}
-        heads = sum(e["num_heads"] for e in plan["layers"])
-        channels = sum(e["intermediate_size"] for e in plan["layers"])
+        heads = sum(e.num_heads for e in plan.layers)
+        channels = sum(e.intermediate_size for e in plan.layers)
         lines.append(
             f"| {label} | {importance} | {allocation} | {'yes' if bias else 'no'} | "
-            f"{'yes' if plan['prune_attention'] else 'no'} | {heads} | {channels} | "
+            f"{'yes' if plan.prune_attention else 'no'} | {heads} | {channels} | "
             f"{ppl['ptb']:.1f} | {ppl['wiki']:.1f} |"
         )
         print(lines[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)

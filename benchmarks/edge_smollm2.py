@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from saap.compare import build_arm_plan, prune_params_for
 from saap.evaluation.bench import llamacpp_benchmark
 from saap.export import get_exporter
+from saap.methods import build_arm_plan, prune_params_for
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import ExportParams, load_section
 from saap.prune import prune_model
@@ -54,7 +54,7 @@ def build_arms(base: Path, importance: Path, params_file: Path, out: Path) -> di
     for key, _, method, ratio in ARMS:
         params = prune_params_for(method, ratio, prune_base)
         plan = build_arm_plan(scores, shapes, total, params)
-        means = scores.input_means if plan["bias_compensation"] else None
+        means = scores.input_means if plan.bias_compensation else None
         pruned = prune_model(model, plan, means)
         save_checkpoint(pruned, tokenizer, out / key)
         dirs[key] = out / key

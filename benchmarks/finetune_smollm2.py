@@ -10,7 +10,6 @@ Usage (after ``dvc repro prune``)::
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +18,11 @@ import torch
 
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
-from saap.finetune import merge, split_records, train_lora
-from saap.model import load_model
+from saap.finetune import merge, split_records
+from saap.model import load_model, native_bfloat16
 from saap.params import FinetuneParams
+from saap.plan import load_plan
+from saap.recovery import recover
 from stages.finetune import read_records
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench_finetune.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    plan = json.loads(args.plan.read_text())
+    plan = load_plan(args.plan)
     records = read_records(args.data)
     _, tokenizer = load_model(args.model)
     corpora = {
@@ -56,7 +57,7 @@ def main() -> None:
         model, _ = load_model(args.model)
         with tempfile.TemporaryDirectory() as resume:
             started = time.perf_counter()
-            peft_model, result = train_lora(
+            peft_model, result = recover(
                 model, tokenizer, train, val, params, Path(resume), plan
             )
             wall = time.perf_counter() - started
@@ -70,13 +71,18 @@ def main() -> None:
         )
         print(method, rows[-1][1], result.tokens, result.tokens_per_s, flush=True)
 
+    precision = (
+        "bf16 autocast, float32 master weights"
+        if native_bfloat16()
+        else "float32: this CPU has no native bf16"
+    )
     lines = [
         "# Recovery benchmark: SmolLM2-135M pruned 20% by SAAP (default plan)",
         "",
         "Command: `.venv/bin/python benchmarks/finetune_smollm2.py "
         f"--steps {args.steps} --windows {args.windows}` on 2 CPU threads "
-        "(bf16 autocast, float32 master "
-        "weights). Data: the bundled Alpaca sample (999 records, 50 held out for "
+        f"({precision}; transformers Trainer). Data: the bundled Alpaca sample "
+        "(999 records, 50 held out for "
         "validation), cutoff 256 tokens. Perplexity: first "
         f"{args.windows} windows of 128 tokens (PTB test; the evaluation half of "
         "the Wikipedia prose, which is not WikiText-2).",

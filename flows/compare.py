@@ -23,21 +23,16 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.compress import repro_stage
-from flows.stagerun import (
-    StageFailedError,
-    project_lock,
-    retry_transient,
-    stage_error_file,
-)
+from flows import stagerun
+from flows.stagerun import StageFailedError, project_lock, retry_transient
 from saap.atomic import atomic_file, write_json
-from saap.compare import (
-    METHODS,
+from saap.comparison import (
     plot_accuracy_vs_params,
     plot_kept_fraction_per_method,
     results_table,
     summarise,
 )
+from saap.methods import METHODS
 from saap.params import CompareParams, load_section
 
 ARM_STAGE = "compare/dvc.yaml:arm"
@@ -50,48 +45,29 @@ def arm_name(run_id: str, method: str, ratio: float) -> str:
     return f"cmp-{run_id}-{method.replace('_', '-')}-{round(ratio * 100):02d}"
 
 
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def repro_stage(project: str, stage: str) -> bool:
+    """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
+    ran = stagerun.repro(Path(project), stage)
+    get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date")
+    return ran
+
+
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> dict:
     """One DVC experiment; returns the arm's metrics as DVC recorded them."""
     logger = get_run_logger()
     root = Path(project)
-    command = [
-        sys.executable,
-        "-m",
-        "dvc",
-        "exp",
-        "run",
-        ARM_STAGE,
-        "--name",
-        name,
-        "-S",
-        f"compare.method={method}",
-        "-S",
-        f"compare.ratio={ratio}",
-    ]
     started = time.perf_counter()
-    with stage_error_file(root, "saap-compare-error") as error_file:
-        env = os.environ | {
-            "SAAP_STAGE_ERROR_FILE": str(error_file),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        # an experiment of this name left by an interrupted run (same baseline
-        # commit) would make `dvc exp run --name` refuse; it was never gathered
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "exp", "remove", name],
-            cwd=root,
-            env=env,
-            check=False,
-            capture_output=True,
+    try:
+        stagerun.exp_run(
+            root,
+            ARM_STAGE,
+            name,
+            {"compare.method": method, "compare.ratio": str(ratio)},
         )
-        result = subprocess.run(command, cwd=root, env=env, check=False)
-        if result.returncode != 0:
-            message = (
-                error_file.read_text().strip()
-                if error_file.is_file()
-                else f"`{' '.join(command[2:])}` exited with {result.returncode}"
-            )
-            raise StageFailedError(f"arm {method} @ {ratio} failed: {message}")
+    except StageFailedError as exc:
+        raise StageFailedError(f"arm {method} @ {ratio} failed: {exc}") from exc
     record = json.loads((root / "metrics" / "compare" / "arm.json").read_text())
     if record["method"] != method or (
         method != "dense" and abs(record["ratio"] - ratio) > 1e-9

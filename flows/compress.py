@@ -22,12 +22,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
+from flows import stagerun
 from flows.stagerun import (  # noqa: F401  (ConcurrentRunError: part of this API)
     ConcurrentRunError,
     StageFailedError,
     project_lock,
     retry_transient,
-    stage_error_file,
 )
 from saap.params import GatesParams, load_section
 
@@ -52,22 +52,9 @@ def pipeline_stages(project: Path) -> list[str]:
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def repro_stage(project: str, stage: str) -> bool:
     """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
-    from dvc.exceptions import ReproductionError
-    from dvc.repo import Repo
-
     logger = get_run_logger()
     started = time.perf_counter()
-    with stage_error_file(Path(project), "saap-error") as error_file:
-        os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
-        try:
-            # DVC resolves some paths against the working directory
-            with contextlib.chdir(project), Repo(project) as repo:
-                ran = repo.reproduce(stage, single_item=True)
-        except ReproductionError as exc:
-            message = error_file.read_text().strip() if error_file.is_file() else exc
-            raise StageFailedError(f"stage {stage} failed: {message}") from exc
-        finally:
-            os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
+    ran = stagerun.repro(Path(project), stage)
     seconds = time.perf_counter() - started
     logger.info("%s: %s (%.1f s)", stage, "ran" if ran else "up to date", seconds)
     return bool(ran)
@@ -91,12 +78,12 @@ def track_and_promote(
     plan_path = root / "artifacts" / "plan" / "plan.json"
     tags = {"variant": gates.variant, "base_model": tracking.base_model_name(root)}
     if plan_path.is_file():
-        import json
+        from saap.plan import load_plan
 
-        plan = json.loads(plan_path.read_text())
+        plan = load_plan(plan_path)
         tags |= {
-            "ratio": f"{plan['achieved_ratio']:.4f}",
-            "method": f"{plan['importance']}/{plan['allocation']}",
+            "ratio": f"{plan.achieved_ratio:.4f}",
+            "method": f"{plan.importance}/{plan.allocation}",
         }
     hashes = tracking.dvc_lock_hashes(root)
     for key in (

@@ -1,12 +1,16 @@
 """What both flows need to run stages: the project lock, the error channel a
 stage writes its one-line error to (``SAAP_STAGE_ERROR_FILE``, see
-stages/common.py), and which failures are worth a retry."""
+stages/common.py), running a DVC stage (in process: :func:`repro`; as a DVC
+experiment in a subprocess: :func:`exp_run`) with that error as the failure's
+message, and which failures are worth a retry."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +83,64 @@ def stage_error_file(project: Path, tag: str) -> Iterator[Path]:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def _failure(error_file: Path, fallback: str) -> str:
+    """The stage's own one-line error if it wrote one, else ``fallback``."""
+    if error_file.is_file():
+        text = error_file.read_text().strip()
+        if text:
+            return text
+    return fallback
+
+
+def repro(project: Path, stage: str) -> bool:
+    """``dvc repro --single-item`` one stage in this process; True if it ran,
+    False if it was up to date. A failure raises :class:`StageFailedError` with
+    the stage's own error."""
+    from dvc.exceptions import ReproductionError
+    from dvc.repo import Repo
+
+    with stage_error_file(project, "saap-error") as error_file:
+        os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
+        try:
+            # DVC resolves some paths against the working directory
+            with contextlib.chdir(project), Repo(str(project)) as repo:
+                ran = repo.reproduce(stage, single_item=True)
+        except ReproductionError as exc:
+            raise StageFailedError(
+                f"stage {stage} failed: {_failure(error_file, str(exc))}"
+            ) from exc
+        finally:
+            os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
+    return bool(ran)
+
+
+def exp_run(project: Path, stage: str, name: str, set_params: dict[str, str]) -> None:
+    """``dvc exp run <stage> --name <name> -S key=value ...`` in a subprocess (an
+    experiment of that name left by an interrupted run is removed first). A
+    failure raises :class:`StageFailedError` with the stage's own error."""
+    command = [sys.executable, "-m", "dvc", "exp", "run", stage, "--name", name]
+    for key, value in set_params.items():
+        command += ["-S", f"{key}={value}"]
+    with stage_error_file(project, "saap-exp-error") as error_file:
+        env = os.environ | {
+            "SAAP_STAGE_ERROR_FILE": str(error_file),
+            # the stage's `python` is this interpreter's
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        # `dvc exp run --name` refuses a name left by an interrupted run (same
+        # baseline commit); that experiment was never gathered
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "remove", name],
+            cwd=project,
+            env=env,
+            check=False,
+            capture_output=True,
+        )
+        result = subprocess.run(command, cwd=project, env=env, check=False)
+        if result.returncode != 0:
+            fallback = f"`{' '.join(command[2:])}` exited with {result.returncode}"
+            raise StageFailedError(
+                f"experiment {name} failed: {_failure(error_file, fallback)}"
+            )

@@ -1,21 +1,19 @@
-"""Recovery fine-tuning of a pruned model with LoRA adapters, merged afterwards.
+"""Recovery fine-tuning with LoRA adapters on transformers' ``Trainer``, merged
+afterwards.
 
-Two methods share one training loop and one token budget:
-
-- ``lora``: LLM-Pruner's recipe, one LoRA rank ``r`` on every projection of every
-  layer;
-- ``group``: SAAP group fine-tuning. The decoder layers are split into
-  ``num_groups`` groups by the plan's per-layer pruning ratio (most pruned first);
-  each group gets a LoRA rank proportional to its mean pruning ratio, scaled so
-  the adapters have the same total rank (and so about the same trainable
-  parameters) as plain LoRA. Capacity goes where the pruning did its damage.
+The recovery methods (``finetune.method``) are registered in saap/recovery.py;
+the LoRA ones (``lora``: LLM-Pruner's recipe; ``group``: SAAP's rank per layer
+group) differ only in their LoRA rank pattern and share :func:`train_lora`.
 
 Training runs under bfloat16 autocast with float32 master weights where the
-hardware has native bfloat16 (AMX, AVX512-BF16, CUDA), in float32 elsewhere. A
-resume checkpoint (adapters, optimizer, scheduler, RNG state, best validation)
-is written every ``save_steps``; a rerun with the same settings continues from
-it. The adapters of the best validation step are merged into the weights, so the
-saved model has no adapter modules.
+hardware has native bfloat16 (AMX, AVX512-BF16, CUDA), in float32 elsewhere
+(``TrainingArguments.bf16``). Linear warm-up then linear decay, gradient
+accumulation to ``batch_size``, validation every ``eval_steps`` and at the last
+step, the adapters of the best validation step restored at the end
+(``load_best_model_at_end``). A resume checkpoint (adapters, optimizer,
+scheduler, RNG state, trainer state) is written every ``save_steps`` into a
+folder keyed by the settings, data and starting weights; a rerun with the same
+key continues from its last checkpoint, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,17 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from saap.errors import DataError, PruningError
 from saap.model import layer_shapes, native_bfloat16
 from saap.params import FinetuneParams
+
+if TYPE_CHECKING:
+    from saap.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -125,39 +125,12 @@ def split_records(records: list[dict], val_size: int, seed: int) -> tuple[list, 
     return train, val
 
 
-def group_ranks(plan: dict, base_rank: int, num_groups: int) -> dict[int, int]:
-    """LoRA rank per layer for SAAP group fine-tuning (see the module docstring)."""
-    # layers removed whole are gone from the model; the rest are renumbered
-    ratios = [layer["ratio"] for layer in plan["layers"] if not layer.get("removed")]
-    order = sorted(range(len(ratios)), key=lambda i: -ratios[i])  # most pruned first
-    # contiguous slices of that order: group 0 holds the most pruned layers
-    groups = [
-        order[len(order) * g // num_groups : len(order) * (g + 1) // num_groups]
-        for g in range(num_groups)
-    ]
-    means = [sum(ratios[i] for i in group) / max(len(group), 1) for group in groups]
-    total_rank = base_rank * len(ratios)
-    weight = sum(m * len(g) for m, g in zip(means, groups, strict=True))
-    ranks: dict[int, int] = {}
-    for group, mean in zip(groups, means, strict=True):
-        rank = 1 if weight == 0 else max(1, round(total_rank * mean / weight))
-        for index in group:
-            ranks[index] = rank if mean > 0 else 1
-    return ranks
-
-
-def lora_config(params: FinetuneParams, plan: dict | None):
-    """The peft LoraConfig of the chosen method."""
+def lora_config(params: FinetuneParams, rank_pattern: dict[str, int] | None = None):
+    """The peft LoraConfig: rank ``lora_r`` on every projection, or the per-module
+    ranks of ``rank_pattern`` (module path -> rank; alpha = 2 x rank there)."""
     from peft import LoraConfig
 
-    rank_pattern: dict[str, int] = {}
-    if params.method == "group":
-        if plan is None:
-            raise PruningError("group fine-tuning needs the pruning plan (--plan)")
-        for index, rank in group_ranks(plan, params.lora_r, params.num_groups).items():
-            for module in TARGET_MODULES:
-                part = "self_attn" if module[0] in "qkvo" else "mlp"
-                rank_pattern[f"model.layers.{index}.{part}.{module}"] = rank
+    rank_pattern = rank_pattern or {}
     return LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -170,10 +143,10 @@ def lora_config(params: FinetuneParams, plan: dict | None):
     )
 
 
-def check_against_plan(model, plan: dict) -> None:
+def check_against_plan(model, plan: Plan) -> None:
     """The checkpoint must have the layer sizes the plan produced."""
     shapes = layer_shapes(model)
-    kept = [layer for layer in plan["layers"] if not layer.get("removed")]
+    kept = plan.kept_layers()
     if len(shapes) != len(kept):
         raise PruningError(
             f"checkpoint has {len(shapes)} layers, the plan keeps {len(kept)}; "
@@ -181,10 +154,10 @@ def check_against_plan(model, plan: dict) -> None:
         )
     for shape, layer in zip(shapes, kept, strict=True):
         got = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
-        want = (layer["num_heads"], layer["num_kv_heads"], layer["intermediate_size"])
+        want = (layer.num_heads, layer.num_kv_heads, layer.intermediate_size)
         if got != want:
             raise PruningError(
-                f"layer {layer['index']} of the checkpoint has (heads, kv heads, MLP) "
+                f"layer {layer.index} of the checkpoint has (heads, kv heads, MLP) "
                 f"{got} but the plan says {want}; fine-tune the checkpoint the plan "
                 "produced (re-run the prune stage)"
             )
@@ -215,25 +188,83 @@ def fingerprint(params: FinetuneParams, data: list[Example], model) -> str:
     return digest.hexdigest()[:16]
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad
-    }
+class _ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
 
 
-@torch.no_grad()
-def validation_loss(model, val: list[Example], micro_batch: int, pad_id: int) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(val), micro_batch):
-        batch = collate(val[start : start + micro_batch], pad_id)
-        with torch.autocast("cpu", torch.bfloat16, enabled=native_bfloat16()):
-            loss = model(**batch).loss
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(loss) * tokens
-        count += tokens
-    model.train()
-    return total / max(count, 1)
+def _final_step_callback():
+    """Validate and save at the last step too (not only every N steps), so the
+    best adapters are chosen from every validation the budget allows."""
+    from transformers import TrainerCallback
+
+    class FinalStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = True
+                control.should_save = True
+            return control
+
+    return FinalStep()
+
+
+class _SessionStart:
+    """Tokens already seen when this session starts (non-zero after a resume)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        self.tokens_at_start = 0
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.tokens_at_start = int(state.num_input_tokens_seen)
+
+        self.callback = Callback()
+
+
+def training_arguments(params: FinetuneParams, output_dir: Path, progress: bool):
+    """TrainingArguments of the recovery recipe (CPU, bf16 where native)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=params.micro_batch_size,
+        per_device_eval_batch_size=params.micro_batch_size,
+        gradient_accumulation_steps=params.batch_size // params.micro_batch_size,
+        max_steps=params.max_steps or -1,
+        num_train_epochs=params.epochs,
+        learning_rate=params.learning_rate,
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=params.warmup_steps,
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_strategy="steps",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        bf16=native_bfloat16(),
+        use_cpu=not torch.cuda.is_available(),
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
 
 
 def train_lora(
@@ -243,16 +274,16 @@ def train_lora(
     val_records: list[dict],
     params: FinetuneParams,
     resume_dir: Path,
-    plan: dict | None = None,
-    stop_after: int | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    callbacks: list | None = None,
     progress: bool = True,
 ):
-    """Fine-tune ``model`` (float32) with LoRA; return (merged model, result).
-
-    ``stop_after`` ends the run after that many optimizer steps of this call
-    without merging (the resume checkpoint stays): it simulates an interruption.
-    """
-    from peft import get_peft_model, set_peft_model_state_dict
+    """Fine-tune ``model`` (float32) with LoRA; return (peft model with the best
+    validation step's adapters, :class:`TrainResult`). ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects (early stopping, interruption)."""
+    from peft import get_peft_model
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
 
     torch.manual_seed(params.seed)
     train, truncated = tokenize_records(
@@ -274,145 +305,49 @@ def train_lora(
         else tokenizer.eos_token_id
     )
     key = fingerprint(params, train, model)
-    peft_model = get_peft_model(model, lora_config(params, plan))
+    peft_model = get_peft_model(model, lora_config(params, rank_pattern))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    accumulation = params.batch_size // params.micro_batch_size
-    steps_per_epoch = math.ceil(len(train) / params.batch_size)
-    total_steps = params.max_steps or params.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(
-        [p for p in peft_model.parameters() if p.requires_grad],
-        lr=params.learning_rate,
-        weight_decay=0.0,
+    output_dir = resume_dir / f"finetune-{key}"
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    trainer = Trainer(
+        model=peft_model,
+        args=training_arguments(params, output_dir, progress),
+        train_dataset=_ExampleDataset(train),
+        eval_dataset=_ExampleDataset(val),
+        data_collator=lambda batch: collate(batch, pad_id),
+        callbacks=[_final_step_callback(), *(callbacks or [])],
     )
-
-    def schedule(step: int) -> float:
-        if step < params.warmup_steps:
-            return (step + 1) / (params.warmup_steps + 1)
-        remaining = max(total_steps - params.warmup_steps, 1)
-        return max(0.0, 1 - (step - params.warmup_steps) / remaining)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state_path = resume_dir / f"finetune-{key}.pt"
-    start_step, best_val, best_step, best_state = 0, math.inf, 0, None
-    train_losses: list[float] = []
-    val_losses: dict[int, float] = {}
-    tokens_seen = 0
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=True)
-        set_peft_model_state_dict(peft_model, saved["adapters"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        start_step, best_val, best_step = (
-            saved["step"],
-            saved["best_val"],
-            saved["best_step"],
-        )
-        best_state = saved["best_state"] or None
-        train_losses, tokens_seen = list(saved["train_losses"]), saved["tokens"]
-        val_losses = {int(k): v for k, v in saved["val_losses"].items()}
-        log.info(
-            "resuming fine-tuning at step %d of %d from %s",
-            start_step,
-            total_steps,
-            state_path,
-        )
-
-    def batch_indices(step: int) -> list[int]:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(params.seed + epoch)
-        ).tolist()
-        return order[offset * params.batch_size : (offset + 1) * params.batch_size]
-
-    def save_state(step: int) -> None:
-        from peft import get_peft_model_state_dict
-
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "adapters": get_peft_model_state_dict(peft_model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "step": step,
-                "best_val": best_val,
-                "best_step": best_step,
-                "best_state": best_state or {},
-                "train_losses": train_losses,
-                "tokens": tokens_seen,
-                "val_losses": {str(k): v for k, v in val_losses.items()},
-            },
-            tmp,
-        )
-        tmp.replace(state_path)
-
-    peft_model.train()
+    session = _SessionStart()
+    trainer.add_callback(session.callback)
+    resumed_from = 0
+    if last is not None:
+        resumed_from = int(Path(last).name.split("-")[-1])
+        log.info("resuming fine-tuning at step %d from %s", resumed_from, last)
     started = time.perf_counter()
-    session_tokens = 0
-    bar = tqdm(
-        range(start_step, total_steps),
-        desc=f"finetune ({params.method})",
-        disable=not progress,
-        initial=start_step,
-        total=total_steps,
-    )
-    step = start_step
-    for step in bar:
-        indices = batch_indices(step)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for start in range(0, len(indices), params.micro_batch_size):
-            micro = collate(
-                [train[i] for i in indices[start : start + params.micro_batch_size]],
-                pad_id,
-            )
-            with torch.autocast("cpu", torch.bfloat16, enabled=native_bfloat16()):
-                loss = peft_model(**micro).loss / accumulation
-            loss.backward()
-            step_loss += float(loss.detach())
-            session_tokens += int(micro["attention_mask"].sum())
-        optimizer.step()
-        scheduler.step()
-        train_losses.append(step_loss)
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(
-            loss=f"{step_loss:.3f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):.0f}"
-        )
-        done = step + 1
-        if done % params.eval_steps == 0 or done == total_steps:
-            val_loss = validation_loss(peft_model, val, params.micro_batch_size, pad_id)
-            val_losses[done] = val_loss
-            if val_loss < best_val:
-                best_val, best_step, best_state = (
-                    val_loss,
-                    done,
-                    adapter_state(peft_model),
-                )
-        if done % params.save_steps == 0 or done == total_steps:
-            save_state(done)
-        if stop_after is not None and done - start_step >= stop_after:
-            save_state(done)
-            return None, None
-    tokens_seen += session_tokens
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
+    history = trainer.state.log_history
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    val_losses = {
+        int(entry["step"]): float(entry["eval_loss"])
+        for entry in history
+        if "eval_loss" in entry
+    }
+    best_step = min(val_losses, key=lambda s: (val_losses[s], s)) if val_losses else 0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens - session.tokens_at_start
+    peft_model = trainer.model
     peft_model.eval()
-    if best_state is not None:
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if name in best_state:
-                    param.copy_(best_state[name])
     result = TrainResult(
-        steps=total_steps,
-        tokens=tokens_seen,
+        steps=int(trainer.state.global_step),
+        tokens=tokens,
         seconds=seconds,
         tokens_per_s=session_tokens / max(seconds, 1e-9),
         train_losses=train_losses,
         val_losses=val_losses,
         best_step=best_step,
         truncated=truncated + val_truncated,
-        resumed_from=start_step,
+        resumed_from=resumed_from,
         trainable_params=trainable,
     )
     return peft_model, result

@@ -7,10 +7,11 @@ a bad value fails with its dotted path (``prune.ratio``) and what to write inste
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,6 +21,7 @@ from pydantic import (
 )
 
 from saap.errors import ParamsError
+from saap.registry import registered, registry
 
 
 class Section(BaseModel):
@@ -65,21 +67,30 @@ class CalibrationParams(Section):
     seed: int = Field(0, description="Seed of the window sampling.")
 
 
-EstimatorName = Literal[
-    "taylor_vector",
-    "taylor_element1",
-    "taylor_element2",
-    "flap",
-    "wanda_sp",
-    "magnitude",
-    "random",
+# names come from the registries (saap/registry.py), never repeated here
+BaseEstimator = Annotated[
+    str,
+    AfterValidator(
+        registered("estimator", lambda spec: not spec.derived, "base estimator")
+    ),
+]
+AnyEstimator = Annotated[str, AfterValidator(registered("estimator"))]
+AllocationName = Annotated[str, AfterValidator(registered("allocation"))]
+RecoveryName = Annotated[str, AfterValidator(registered("recovery"))]
+ExporterName = Annotated[str, AfterValidator(registered("exporter", what="format"))]
+# "dense" is the unpruned reference row of the comparison, not a method
+CompareMethod = Annotated[
+    str,
+    AfterValidator(
+        registered("compare_method", what="comparison method", also=("dense",))
+    ),
 ]
 
 
 class ImportanceParams(Section):
     """Which estimators score the prunable groups and on how much data."""
 
-    estimators: list[EstimatorName] = Field(
+    estimators: list[BaseEstimator] = Field(
         default_factory=lambda: [
             "taylor_vector",
             "taylor_element1",
@@ -101,11 +112,11 @@ class PruneParams(Section):
     ratio: float = Field(
         0.2, description="Fraction of TOTAL parameters to remove, in [0, 1)."
     )
-    importance: str = Field(
+    importance: AnyEstimator = Field(
         "saap",
         description="saap (fused taylor_vector + taylor_element1) or any estimator.",
     )
-    allocation: Literal["uniform", "global", "adaptive", "layers"] = Field(
+    allocation: AllocationName = Field(
         "adaptive",
         description="uniform (LLM-Pruner), global (FLAP), adaptive (SAAP), layers "
         "(ShortGPT: whole layers of lowest block influence, MLP channels top up).",
@@ -142,14 +153,6 @@ class PruneParams(Section):
         False, description="FLAP bias compensation of removed input channels."
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random scores.")
-
-    @field_validator("importance")
-    @classmethod
-    def _known_importance(cls, value: str) -> str:
-        known = ("saap", *EstimatorName.__args__)
-        if value not in known:
-            raise ValueError(f"importance {value!r} is unknown; choose one of {known}")
-        return value
 
     @field_validator("ratio")
     @classmethod
@@ -343,10 +346,9 @@ GGUF_TYPES = (
 class ExportParams(Section):
     """Edge export (stage ``export``): formats from the exporters registry."""
 
-    formats: list[str] = Field(
+    formats: list[ExporterName] = Field(
         default_factory=lambda: ["gguf"],
-        description="Exporters to run: names of the saap/export registry (checked "
-        "by the export stage, so that params.py does not import the exporters).",
+        description="Exporters to run: names of the saap/export registry.",
     )
     gguf_types: list[str] = Field(
         default_factory=lambda: ["f16", "q8_0", "q4_0"],
@@ -431,7 +433,7 @@ class GatesParams(Section):
 class FinetuneParams(Section):
     """Recovery fine-tuning: LLM-Pruner's LoRA recipe or SAAP group fine-tuning."""
 
-    method: Literal["lora", "group"] = Field(
+    method: RecoveryName = Field(
         "group", description="lora (LLM-Pruner baseline) or group (SAAP)."
     )
     lora_r: int = Field(8, gt=0, description="LoRA rank (mean rank for group).")
@@ -461,19 +463,17 @@ class FinetuneParams(Section):
             raise ValueError(f"micro_batch_size {value} must divide batch_size {batch}")
         return value
 
-
-CompareMethod = Literal[
-    "dense",
-    "random",
-    "llm_pruner_vector",
-    "llm_pruner_element1",
-    "llm_pruner_element2",
-    "flap",
-    "wanda_sp",
-    "shortgpt",
-    "saap",
-    "saap_bc",
-]
+    @field_validator("save_steps")
+    @classmethod
+    def _saves_at_validations(cls, value: int, info) -> int:
+        every = info.data.get("eval_steps")
+        if every is not None and value % every:
+            raise ValueError(
+                f"save_steps {value} must be a multiple of eval_steps {every} (the "
+                "best validation step is restored from a saved checkpoint); e.g. "
+                f"save_steps: {every * max(1, round(value / every))}"
+            )
+        return value
 
 
 class CompareParams(Section):
@@ -487,7 +487,7 @@ class CompareParams(Section):
     method: CompareMethod = Field("saap", description="The arm run by the stage.")
     ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio of that arm.")
     methods: list[CompareMethod] = Field(
-        default_factory=lambda: [m for m in CompareMethod.__args__ if m != "dense"],
+        default_factory=lambda: registry("compare_method").names(),
         description="Methods the compare flow runs (dense is always added).",
     )
     ratios: list[float] = Field(

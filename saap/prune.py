@@ -9,6 +9,7 @@ weights; a plan that keeps everything gives the base model's logits.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from transformers import PreTrainedModel
 from saap.errors import PruningError
 from saap.model import LayerShape, decoder_layers, layer_shapes, to_saap_config
 from saap.modeling_saap_llama import SaapLlamaForCausalLM
+
+if TYPE_CHECKING:
+    from saap.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +31,10 @@ def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def check_layer_plan(entry: dict, shape: LayerShape, index: int) -> None:
+def check_layer_plan(entry: LayerPlan, shape: LayerShape, index: int) -> None:
     """The plan entry must fit the layer it is replayed on."""
-    heads, kv = entry["kept_heads"], entry["kept_kv_heads"]
-    channels = entry["kept_channels"]
+    heads, kv = entry.kept_heads, entry.kept_kv_heads
+    channels = entry.kept_channels
     problems = []
     if not heads or not kv or not channels:
         problems.append("keeps no head, kv head or channel")
@@ -64,7 +68,7 @@ def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 @torch.no_grad()
 def prune_model(
     model: PreTrainedModel,
-    plan: dict,
+    plan: Plan,
     input_means: list[dict[str, torch.Tensor]] | None = None,
 ) -> SaapLlamaForCausalLM:
     """A new, smaller model with the plan's heads and channels kept.
@@ -74,26 +78,26 @@ def prune_model(
     @ mean[removed]``.
     """
     shapes = layer_shapes(model)
-    if len(plan["layers"]) != len(shapes):
+    if len(plan.layers) != len(shapes):
         raise PruningError(
-            f"plan has {len(plan['layers'])} layers, the model {len(shapes)}; the plan "
+            f"plan has {len(plan.layers)} layers, the model {len(shapes)}; the plan "
             "was made for another model, re-run the ranking stage on this one"
         )
     new_shapes: list[LayerShape] = []
     new_layers: list[dict[str, nn.Linear]] = []
     kept_layers: list[int] = []
     for index, (layer, shape, entry) in enumerate(
-        zip(decoder_layers(model), shapes, plan["layers"], strict=True)
+        zip(decoder_layers(model), shapes, plan.layers, strict=True)
     ):
-        if entry.get("removed"):
+        if entry.removed:
             continue
         check_layer_plan(entry, shape, index)
         kept_layers.append(index)
         attn, mlp = layer.self_attn, layer.mlp
         hd = shape.head_dim
-        q_rows = head_rows(entry["kept_heads"], hd)
-        kv_rows = head_rows(entry["kept_kv_heads"], hd)
-        channels = torch.as_tensor(entry["kept_channels"], dtype=torch.long)
+        q_rows = head_rows(entry.kept_heads, hd)
+        kv_rows = head_rows(entry.kept_kv_heads, hd)
+        channels = torch.as_tensor(entry.kept_channels, dtype=torch.long)
 
         def rows(linear: nn.Linear, index_rows: torch.Tensor) -> nn.Linear:
             bias = linear.bias[index_rows] if linear.bias is not None else None
@@ -124,10 +128,10 @@ def prune_model(
         new_layers.append(modules)
         new_shapes.append(
             LayerShape(
-                num_heads=len(entry["kept_heads"]),
-                num_kv_heads=len(entry["kept_kv_heads"]),
+                num_heads=len(entry.kept_heads),
+                num_kv_heads=len(entry.kept_kv_heads),
                 head_dim=hd,
-                intermediate_size=len(entry["kept_channels"]),
+                intermediate_size=len(entry.kept_channels),
                 hidden_size=shape.hidden_size,
                 qkv_bias=shape.qkv_bias,
                 o_bias=modules["o_proj"].bias is not None,

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saap.errors import DataError
-from saap.fusion import fuse, metric_sigma
 from saap.importance import CalibrationStats, estimate
+from saap.importance.estimators import ESTIMATORS
 
-FUSED_METRICS = ("taylor_vector", "taylor_element1")
-KINDS = ("q_head", "kv_group", "mlp")
+# the layer ranking's importance-fluctuation indicator reads its per-batch scores
+FLUCTUATION_METRIC = "taylor_element1"
 
 
 @dataclass
@@ -33,55 +33,42 @@ class ImportanceScores:
         return len(self.input_means)
 
     def estimator(self, name: str) -> list[dict[str, torch.Tensor]]:
-        """Scores of estimator ``name``, or the SAAP fusion for ``saap``."""
-        if name == "saap":
-            return self.fused()[0]
+        """Scores of estimator ``name`` per layer (a derived one is computed)."""
+        return self.estimate(name)[0]
+
+    def estimate(self, name: str) -> tuple[list[dict[str, torch.Tensor]], dict]:
+        """Scores of estimator ``name`` per layer and its details (a derived
+        estimator's, e.g. SAAP's sigmas; empty for a base one)."""
+        spec = ESTIMATORS.get(name) if name in ESTIMATORS else None
+        if spec is not None and spec.derived:
+            missing = [m for m in spec.inputs if m not in self.scores]
+            if missing:
+                raise DataError(
+                    f"estimator {name!r} is computed from {list(spec.inputs)} but the "
+                    f"importance scores lack {missing}; add them to "
+                    "importance.estimators"
+                )
+            return spec.score(self)
         if name not in self.scores:
             raise DataError(
                 f"importance scores hold no estimator {name!r}; available: "
-                f"{['saap', *sorted(self.scores)]}; add it to importance.estimators"
+                f"{[*self.derived_available(), *sorted(self.scores)]}; add it to "
+                "importance.estimators"
             )
-        return self.scores[name]
+        return self.scores[name], {}
 
-    def sigmas(self) -> dict[str, dict[str, float]]:
-        """Per kind, the uncertainty sigma of each fused metric over all layers."""
-        result: dict[str, dict[str, float]] = {}
-        for kind in KINDS:
-            result[kind] = {
-                metric: metric_sigma(
-                    torch.cat(
-                        [layer[kind] for layer in self.batch_scores[metric]], dim=1
-                    )
-                )
-                for metric in FUSED_METRICS
-            }
-        return result
-
-    def fused(
-        self,
-    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
-        """SAAP fused scores per layer and kind, and the sigmas used."""
-        sigmas = self.sigmas()
-        fused_layers: list[dict[str, torch.Tensor]] = [
-            {} for _ in range(self.num_layers)
+    def derived_available(self) -> list[str]:
+        return [
+            n
+            for n, spec in ESTIMATORS.items()
+            if spec.derived and all(m in self.scores for m in spec.inputs)
         ]
-        for kind in KINDS:
-            sizes = [layer[kind].numel() for layer in self.scores[FUSED_METRICS[0]]]
-            observed = {
-                m: torch.cat([layer[kind] for layer in self.scores[m]])
-                for m in FUSED_METRICS
-            }
-            for index, part in enumerate(
-                torch.split(fuse(observed, sigmas[kind]), sizes)
-            ):
-                fused_layers[index][kind] = part
-        return fused_layers, sigmas
 
     def fluctuation(self) -> torch.Tensor:
         """Importance-fluctuation indicator per layer: coefficient of variation over
         calibration batches of the layer's total element-wise Taylor importance."""
         values = []
-        for layer in self.batch_scores["taylor_element1"]:
+        for layer in self.batch_scores[FLUCTUATION_METRIC]:
             totals = layer["mlp"].sum(1) + layer["q_head"].sum(1)  # (B,)
             values.append(float(totals.std() / totals.mean().clamp_min(1e-12)))
         return torch.tensor(values)
@@ -90,13 +77,22 @@ class ImportanceScores:
 def scores_from_stats(
     stats: CalibrationStats, estimators: list[str], seed: int, meta: dict
 ) -> ImportanceScores:
-    """Run the estimators on collected statistics (fused metrics always included)."""
-    names = list(dict.fromkeys([*FUSED_METRICS, *estimators]))
+    """Run the estimators on collected statistics; the inputs of every derived
+    estimator (SAAP's fused metrics) are always included."""
+    derived = [spec for spec in ESTIMATORS.values() if spec.derived]
+    names = list(
+        dict.fromkeys([*(m for spec in derived for m in spec.inputs), *estimators])
+    )
+    batch_names = list(
+        dict.fromkeys(
+            [*(m for spec in derived for m in spec.batch_inputs), FLUCTUATION_METRIC]
+        )
+    )
     return ImportanceScores(
         scores=estimate(stats, names, seed),
         batch_scores={
             m: [stats.batch_scores(i, m) for i in range(len(stats.layers))]
-            for m in FUSED_METRICS
+            for m in batch_names
         },
         input_means=[
             {"o": stats.input_mean(i, "o"), "down": stats.input_mean(i, "down")}

@@ -16,25 +16,261 @@ Usage: ``python -m stages.compare importance --params params.yaml``;
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import math
+import resource
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from saap.atomic import atomic_dir, write_json
-from saap.compare import METHODS, run_arm
-from saap.errors import DataError
+from saap.errors import DataError, SaapError
+from saap.evaluation.bench import benchmark_with
+from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import check_tasks
-from saap.model import load_model
-from saap.params import load_section
+from saap.methods import (
+    METHODS,
+    build_arm_plan,
+    kept_fractions,
+    prune_params_for,
+    recovery_methods,
+)
+from saap.model import (
+    compute_dtype,
+    count_params,
+    layer_shapes,
+    load_model,
+    save_checkpoint,
+)
+from saap.params import (
+    BenchParams,
+    CompareParams,
+    EvaluateParams,
+    EvaluationSettings,
+    FinetuneParams,
+    PruneParams,
+    load_section,
+)
+from saap.prune import prune_model
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.compare")
+
+SCHEMA = "saap.compare-arm/v2"
 
 ESTIMATORS = sorted(
     {m.importance for m in METHODS.values()} - {"saap"}
     | {"taylor_vector", "taylor_element1", "taylor_element2"}
 )
+
+
+def compare_evaluate_params(
+    params: CompareParams, evaluate: EvaluateParams
+) -> EvaluationSettings:
+    """The evaluation settings (tasks, batch size, window length of the active
+    profile) with the comparison's subset: ``compare.limit`` documents per task,
+    PTB and wiki perplexity on ``compare.ppl_windows`` windows, fidelity to the
+    dense model on ``compare.fidelity_windows`` windows, no generations."""
+    return evaluate.resolved().model_copy(
+        update={
+            "limit": params.limit,
+            "task_limits": {},
+            "ppl_corpora": ["ptb", "wiki"],
+            "ppl_max_windows": params.ppl_windows,
+            "fidelity_windows": params.fidelity_windows,
+            "prompts": [],
+        }
+    )
+
+
+def evaluation_row(metrics: dict, documents: dict) -> dict:
+    """The numbers of one evaluation a comparison row needs, with the
+    per-document results of each task's reported metric (for paired intervals)."""
+    zero_shot = metrics["zero_shot"]
+    fidelity = metrics["fidelity"]
+    return {
+        "params": metrics["params"],
+        "ppl": metrics["perplexity"],
+        "acc": {t: s[s["metric"]] for t, s in zero_shot.items()},
+        "metric": {t: s["metric"] for t, s in zero_shot.items()},
+        "mean_acc": metrics["mean_acc"],
+        "kl": fidelity["kl"] if fidelity else None,
+        "top1": fidelity["top1_agreement"]["value"] if fidelity else None,
+        "documents": {
+            t: documents["zero_shot"][t][s["metric"]] for t, s in zero_shot.items()
+        },
+        "eval_config_hash": metrics["eval_config_hash"],
+        "seconds": metrics["seconds"],
+    }
+
+
+def bench_row(model, tokenizer, params: CompareParams, bench: BenchParams) -> dict:
+    """Edge metrics of a bf16 copy of ``model`` (saved to a temporary folder for
+    its on-disk size)."""
+    model = _copy(model).to(compute_dtype())
+    with tempfile.TemporaryDirectory(prefix="saap-bench-") as tmp:
+        save_checkpoint(model, tokenizer, Path(tmp))
+        return benchmark_with(
+            model,
+            Path(tmp),
+            bench,
+            decode_tokens=params.bench_decode_tokens,
+            repeats=params.bench_repeats,
+        )
+
+
+def run_arm(
+    method: str,
+    ratio: float,
+    params: CompareParams,
+    prune_base: PruneParams,
+    finetune_base: FinetuneParams,
+    evaluate_base: EvaluateParams,
+    bench_base: BenchParams,
+    base_model,
+    tokenizer,
+    importance_dirs: dict[int, Path],
+    text_dir: Path,
+    eval_dir: Path,
+    records: list[dict] | None,
+    plans_out: Path,
+) -> dict:
+    """Prune, evaluate, benchmark and recover one arm; return its JSON record.
+
+    ``base_model`` is the float32 base; it is not modified.
+    """
+    from saap.finetune import merge, split_records
+    from saap.recovery import recover
+    from saap.scores import load_scores
+
+    eval_params = compare_evaluate_params(params, evaluate_base)
+    started_arm = time.perf_counter()
+
+    dtype = compute_dtype()
+    reference = None if method == "dense" else _copy(base_model).to(dtype)
+
+    def evaluate(model, variant: str) -> dict:
+        model = _copy(model).to(dtype)  # the float32 model stays as it is
+        metrics, documents = evaluate_model(
+            model,
+            tokenizer,
+            text_dir,
+            eval_dir,
+            eval_params,
+            variant,
+            method,
+            reference=reference,
+        )
+        return evaluation_row(metrics, documents)
+
+    record: dict = {
+        "schema": SCHEMA,
+        "method": method,
+        "label": "Dense" if method == "dense" else METHODS[method].label,
+        "ratio": 0.0 if method == "dense" else ratio,
+        "limit": params.limit,
+        "ppl_windows": params.ppl_windows,
+        "seeds": [],
+        "recovered": [],
+    }
+    if method == "dense":
+        row = evaluate(base_model, "dense")
+        record["seeds"].append({"seed": None} | row)
+        record["bench"] = bench_row(base_model, tokenizer, params, bench_base)
+        record["seconds"] = time.perf_counter() - started_arm
+        return record
+
+    shapes = layer_shapes(base_model)
+    total = count_params(base_model)
+    prune_params = prune_params_for(method, ratio, prune_base)
+    first_pruned = first_plan = None
+    for seed in params.seeds:
+        scores = load_scores(importance_dirs[seed])
+        started = time.perf_counter()
+        plan = build_arm_plan(
+            scores, shapes, total, prune_params.model_copy(update={"seed": seed})
+        )
+        means = scores.input_means if plan.bias_compensation else None
+        pruned = prune_model(base_model, plan, means)
+        prune_s = time.perf_counter() - started
+        plan.seed = seed
+        (plans_out / f"plan-seed{seed}.json").write_text(plan.dumps())
+        row = evaluate(pruned, f"{method}@{ratio}:seed{seed}")
+        row |= {
+            "seed": seed,
+            "achieved_ratio": plan.achieved_ratio,
+            "prune_attention": plan.prune_attention,
+            "removed_layers": plan.removed_layers,
+            "kept_fraction": kept_fractions(plan),
+            "prune_s": prune_s,
+            "calibration_pass_s": scores.meta.get("seconds"),
+        }
+        record["seeds"].append(row)
+        log.info(
+            "%s @ %.2f seed %d: ppl %s, mean acc %.4f",
+            method,
+            ratio,
+            seed,
+            {k: round(v, 2) for k, v in row["ppl"].items()},
+            row["mean_acc"] or math.nan,
+        )
+        if first_pruned is None:
+            first_pruned, first_plan = pruned, plan
+    record["bench"] = bench_row(first_pruned, tokenizer, params, bench_base)
+
+    for ft_method in recovery_methods(method, params):
+        if records is None:
+            raise SaapError("recovery needs the instruction data (data/instruct)")
+        ft_params = finetune_base.model_copy(
+            update={
+                "method": ft_method,
+                "max_steps": params.finetune_steps,
+                "eval_steps": params.finetune_steps,
+                "save_steps": params.finetune_steps,
+                "warmup_steps": min(finetune_base.warmup_steps, params.finetune_steps),
+            }
+        )
+        train, val = split_records(records, ft_params.val_size, ft_params.seed)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="saap-ft-") as resume:
+            trained, result = recover(
+                _copy(first_pruned),
+                tokenizer,
+                train,
+                val,
+                ft_params,
+                Path(resume),
+                first_plan,
+            )
+        merged = merge(trained)
+        row = evaluate(merged, f"{method}@{ratio}+{ft_method}")
+        row |= {
+            "finetune": ft_method,
+            "seed": params.seeds[0],
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "finetune_s": time.perf_counter() - started,
+            "best_val_loss": result.val_losses.get(result.best_step),
+        }
+        record["recovered"].append(row)
+        log.info(
+            "%s @ %.2f + %s: ppl %s, mean acc %.4f",
+            method,
+            ratio,
+            ft_method,
+            {k: round(v, 2) for k, v in row["ppl"].items()},
+            row["mean_acc"] or math.nan,
+        )
+    record["seconds"] = time.perf_counter() - started_arm
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return record
+
+
+def _copy(model):
+    return copy.deepcopy(model)
 
 
 def importance(args: argparse.Namespace) -> None:

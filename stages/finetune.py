@@ -1,5 +1,6 @@
-"""DVC stage ``finetune``: recover a pruned checkpoint with LoRA or SAAP group
-fine-tuning, merge the adapters, save a checkpoint of the same architecture.
+"""DVC stage ``finetune``: recover a pruned checkpoint with the recovery method
+``finetune.method`` (saap/recovery.py: LoRA or SAAP group fine-tuning), merge,
+save a checkpoint of the same architecture.
 
 Usage: ``python -m stages.finetune --model models/pruned --plan
 artifacts/plan/plan.json --data data/instruct/alpaca.json --out models/finetuned
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,9 +20,11 @@ import torch
 from saap.assets import validate_alpaca
 from saap.atomic import atomic_dir, write_json
 from saap.errors import DataError
-from saap.finetune import check_against_plan, merge, split_records, train_lora
+from saap.finetune import check_against_plan, merge, split_records
 from saap.model import count_params, load_model, save_checkpoint
 from saap.params import FinetuneParams, load_section
+from saap.plan import load_plan
+from saap.recovery import recover
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.finetune")
@@ -46,18 +50,13 @@ def run(
     out: Path,
     report: Path,
     resume_dir: Path,
-    stop_after: int | None = None,
 ) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
-    plan = json.loads(plan_path.read_text())
+    plan = load_plan(plan_path)
     check_against_plan(model, plan)
     train, val = split_records(read_records(data), params.val_size, params.seed)
-    peft_model, result = train_lora(
-        model, tokenizer, train, val, params, resume_dir, plan, stop_after=stop_after
-    )
-    if peft_model is None:
-        return {"interrupted": True}
-    merged = merge(peft_model)
+    trained, result = recover(model, tokenizer, train, val, params, resume_dir, plan)
+    merged = merge(trained)
     summary = {
         "schema": "saap.finetune/v1",
         "method": params.method,
@@ -76,8 +75,8 @@ def run(
     with atomic_dir(out) as tmp:
         save_checkpoint(merged, tokenizer, tmp, extra={"finetune": summary})
     write_json(report, summary)
-    for stale in resume_dir.glob("finetune-*.pt"):
-        stale.unlink()
+    for stale in resume_dir.glob("finetune-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return summary
 
 

@@ -16,7 +16,7 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
-from saap.importance import collect_statistics
+from saap.importance import ESTIMATORS, collect_statistics
 from saap.model import load_model
 from saap.params import ImportanceParams, load_section
 from saap.scores import ImportanceScores, save_scores, scores_from_stats
@@ -35,7 +35,7 @@ def compute(
         model,
         windows,
         params.batch_size,
-        want_fisher="taylor_element2" in params.estimators,
+        want_fisher=any(ESTIMATORS[n].needs_fisher for n in params.estimators),
     )
     meta = {
         "num_layers": len(stats.layers),

@@ -7,7 +7,6 @@ Usage: ``python -m stages.prune --model models/base --plan artifacts/plan/plan.j
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.model import count_params, load_model, save_checkpoint
+from saap.plan import load_plan
 from saap.prune import prune_model
 from saap.scores import load_scores
 from stages.common import guarded, setup
@@ -24,20 +24,16 @@ log = logging.getLogger("stages.prune")
 
 def run(model_dir: Path, plan_path: Path, importance_dir: Path, out_dir: Path) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
-    plan = json.loads(plan_path.read_text())
-    means = (
-        load_scores(importance_dir).input_means
-        if plan.get("bias_compensation")
-        else None
-    )
+    plan = load_plan(plan_path)
+    means = load_scores(importance_dir).input_means if plan.bias_compensation else None
     pruned = prune_model(model, plan, means)
     summary = {
         "base_params": count_params(model),
         "pruned_params": count_params(pruned),
         "removed_ratio": 1 - count_params(pruned) / count_params(model),
-        "importance": plan["importance"],
-        "allocation": plan["allocation"],
-        "bias_compensation": bool(plan.get("bias_compensation")),
+        "importance": plan.importance,
+        "allocation": plan.allocation,
+        "bias_compensation": bool(plan.bias_compensation),
     }
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(pruned, tokenizer, tmp, extra=summary)

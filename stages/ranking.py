@@ -7,7 +7,6 @@ artifacts/importance --calibration data/calibration --out artifacts/plan``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from saap.calibration import load_calibration
 from saap.evaluation.perplexity import perplexity
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
-from saap.plan import plan_from_scores, plot_kept_fraction
+from saap.plan import Plan, plan_from_scores, plot_kept_fraction
 from saap.prune import prune_model
 from saap.scores import load_scores
 from stages.common import guarded, setup
@@ -28,7 +27,7 @@ log = logging.getLogger("stages.ranking")
 
 def run(
     params: PruneParams, model_dir: Path, importance_dir: Path, calibration_dir: Path
-) -> dict:
+) -> Plan:
     model, _ = load_model(model_dir, dtype=torch.float32)
     scores = load_scores(importance_dir)
     holdout = None
@@ -38,14 +37,14 @@ def run(
             raise ValueError("prune.ppl_bound needs calibration.holdout_samples > 0")
         dtype = compute_dtype()
 
-        def holdout(plan: dict) -> float:
+        def holdout(plan: Plan) -> float:
             return perplexity(prune_model(model, plan).to(dtype), windows)
 
     plan = plan_from_scores(
         scores, layer_shapes(model), count_params(model), params, holdout
     )
-    plan["base_model"] = str(model_dir)
-    plan["bias_compensation"] = params.bias_compensation
+    plan.base_model = str(model_dir)
+    plan.bias_compensation = params.bias_compensation
     return plan
 
 
@@ -62,12 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(args.params, "prune")
     plan = run(params, args.model, args.importance, args.calibration)
     with atomic_dir(args.out) as tmp:
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        (tmp / "plan.json").write_text(plan.dumps())
         plot_kept_fraction(plan, tmp / "kept_fraction.png")
     log.info(
         "plan: %.2f%% of %d parameters removed",
-        100 * plan["achieved_ratio"],
-        plan["total_params"],
+        100 * plan.achieved_ratio,
+        plan.total_params,
     )
 
 

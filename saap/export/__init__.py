@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from saap.errors import ExportError
+from saap.registry import Registry
 
 
 class Exporter(Protocol):
@@ -26,12 +27,12 @@ class Exporter(Protocol):
         ...
 
 
-EXPORTERS: dict[str, Exporter] = {}
+EXPORTERS: Registry[Exporter] = Registry("export format", "saap/export/")
 
 
 def register(cls):
     """Class decorator: add an exporter to the registry under ``cls.name``."""
-    EXPORTERS[cls.name] = cls()
+    EXPORTERS.add(cls.name, cls())
     return cls
 
 

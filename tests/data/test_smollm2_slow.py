@@ -9,7 +9,8 @@ import pytest
 from saap.calibration import make_calibration
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows, evaluate_model
-from saap.importance import ESTIMATORS, collect_statistics
+from saap.importance import collect_statistics
+from saap.importance.estimators import base_names
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import CalibrationParams, EvaluateParams, PruneParams
 from saap.plan import plan_from_scores
@@ -34,13 +35,13 @@ def test_prune_20_percent_with_each_estimator(smollm2, real_assets, record_prope
     stats = collect_statistics(
         model, tensors["input_ids"], batch_size=4, progress=False
     )
-    scores = scores_from_stats(stats, list(ESTIMATORS), 0, {"num_layers": 30})
+    scores = scores_from_stats(stats, base_names(), 0, {"num_layers": 30})
     ptb = corpus_windows(tokenizer, text, "ptb", 128, 40)
     total = count_params(model)
     dense = perplexity(model.to(compute_dtype()), ptb)
     model.float()
     results = {"dense": dense}
-    for importance in ["saap", *ESTIMATORS]:
+    for importance in ["saap", *base_names()]:
         plan = plan_from_scores(
             scores,
             layer_shapes(model),

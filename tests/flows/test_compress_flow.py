@@ -133,7 +133,7 @@ def test_full_flow_registers_and_promotes(project):
 
 
 def test_noop_rerun_runs_no_stage(project):
-    from saap.cli import _up_to_date
+    from saap_cli import _up_to_date
 
     summary = run_flow(project)
     assert summary["stages_ran"] == []
@@ -336,7 +336,7 @@ def test_champion_evaluated_otherwise_is_not_compared(project):
 def test_promote_uses_recorded_thresholds_unless_told(project):
     from typer.testing import CliRunner
 
-    from saap.cli import app
+    from saap_cli import app
 
     client, name = registry(project)
     candidate = client.get_registered_model(name).aliases["candidate"]

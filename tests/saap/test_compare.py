@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from saap.compare import (
+from saap.comparison import results_table, summarise
+from saap.errors import ParamsError
+from saap.importance import collect_statistics
+from saap.methods import (
     METHODS,
     build_arm_plan,
     prune_params_for,
     recovery_methods,
-    results_table,
-    summarise,
 )
-from saap.errors import ParamsError
-from saap.importance import collect_statistics
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import CompareParams, PruneParams, parse_section
 from saap.scores import scores_from_stats
@@ -40,10 +39,10 @@ def test_every_method_meets_the_same_budget(model_and_scores, method):
     total = count_params(model)
     params = prune_params_for(method, 0.2, BASE)
     plan = build_arm_plan(scores, layer_shapes(model), total, params)
-    assert plan["importance"] == METHODS[method].importance
-    assert plan["allocation"] == METHODS[method].allocation
-    assert plan["bias_compensation"] is METHODS[method].bias_compensation
-    assert abs(plan["achieved_ratio"] - 0.2) < 0.02
+    assert plan.importance == METHODS[method].importance
+    assert plan.allocation == METHODS[method].allocation
+    assert plan.bias_compensation is METHODS[method].bias_compensation
+    assert abs(plan.achieved_ratio - 0.2) < 0.02
 
 
 def test_shortgpt_removes_whole_layers_once_the_budget_allows(model_and_scores):
@@ -51,8 +50,8 @@ def test_shortgpt_removes_whole_layers_once_the_budget_allows(model_and_scores):
     total = count_params(model)
     params = prune_params_for("shortgpt", 0.3, BASE)  # a layer is ~22% here
     plan = build_arm_plan(scores, layer_shapes(model), total, params)
-    assert len(plan["removed_layers"]) == 1
-    assert abs(plan["achieved_ratio"] - 0.3) < 0.02
+    assert len(plan.removed_layers) == 1
+    assert abs(plan.achieved_ratio - 0.3) < 0.02
 
 
 def test_high_ratio_falls_back_to_attention_for_every_method(model_and_scores):
@@ -60,13 +59,13 @@ def test_high_ratio_falls_back_to_attention_for_every_method(model_and_scores):
     total = count_params(model)
     shapes = layer_shapes(model)
     low = build_arm_plan(scores, shapes, total, prune_params_for("saap", 0.1, BASE))
-    assert low["prune_attention"] is False
+    assert low.prune_attention is False
     for method in ("saap", "llm_pruner_element1", "flap"):
         plan = build_arm_plan(
             scores, shapes, total, prune_params_for(method, 0.3, BASE)
         )  # MLP channels of layers 1-2 allow at most 26% here
-        assert plan["prune_attention"] is True
-        assert abs(plan["achieved_ratio"] - 0.3) < 0.02
+        assert plan.prune_attention is True
+        assert abs(plan.achieved_ratio - 0.3) < 0.02
 
 
 def test_recovery_methods():

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from saap.errors import PruningError
-from saap.importance import ESTIMATORS, collect_statistics
+from saap.importance import collect_statistics
+from saap.importance.estimators import base_names
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import PruneParams
 from saap.plan import build_plan, plan_from_scores
@@ -16,7 +17,7 @@ from saap.scores import load_scores, save_scores, scores_from_stats
 
 pytestmark = pytest.mark.unit
 
-ALL_ESTIMATORS = list(ESTIMATORS)
+ALL_ESTIMATORS = base_names()
 
 
 def scores_for(model, windows, estimators=ALL_ESTIMATORS):
@@ -32,7 +33,9 @@ def params(**overrides) -> PruneParams:
     return PruneParams(**base)
 
 
-@pytest.mark.parametrize("estimator", [e for e in ALL_ESTIMATORS if e != "random"])
+@pytest.mark.parametrize(
+    "estimator", [*(e for e in ALL_ESTIMATORS if e != "random"), "saap"]
+)
 def test_planted_dead_structures_rank_last(tiny_model_dir, windows, estimator):
     model, _ = load_model(tiny_model_dir)
     layer = model.model.layers[1]
@@ -44,7 +47,9 @@ def test_planted_dead_structures_rank_last(tiny_model_dir, windows, estimator):
         # dead query head 3 (head_dim 16): q rows and o columns
         layer.self_attn.q_proj.weight[48:64] = 0
         layer.self_attn.o_proj.weight[:, 48:64] = 0
-    scores = scores_for(model, windows, [estimator]).scores[estimator][1]
+    # saap is derived: its inputs are always computed
+    computed = scores_for(model, windows, [] if estimator == "saap" else [estimator])
+    scores = computed.estimator(estimator)[1]
     mlp, heads = scores["mlp"], scores["q_head"]
     assert mlp[7] < torch.cat([mlp[:7], mlp[8:]]).min()
     assert heads[3] < heads[:3].min()
@@ -79,17 +84,17 @@ def test_exact_parameter_count_and_shapes(request, windows, fixture, allocation,
     )
     pruned = prune_model(model, plan)
     # the plan's count is the real count of the smaller model
-    assert count_params(model) - count_params(pruned) == plan["removed_params"]
+    assert count_params(model) - count_params(pruned) == plan.removed_params
     # within one MLP channel (3 x hidden 64 = 192 parameters) of the target
-    assert abs(plan["removed_params"] - plan["target_removed"]) <= 192
-    for entry, shape in zip(plan["layers"], layer_shapes(pruned), strict=True):
-        assert shape.num_heads == len(entry["kept_heads"])
-        assert shape.num_kv_heads == len(entry["kept_kv_heads"])
+    assert abs(plan.removed_params - plan.target_removed) <= 192
+    for entry, shape in zip(plan.layers, layer_shapes(pruned), strict=True):
+        assert shape.num_heads == len(entry.kept_heads)
+        assert shape.num_kv_heads == len(entry.kept_kv_heads)
         assert shape.num_heads % shape.num_kv_heads == 0
-        assert shape.intermediate_size == len(entry["kept_channels"])
+        assert shape.intermediate_size == len(entry.kept_channels)
     # skipped layers are untouched
-    assert plan["layers"][0]["intermediate_size"] == 128
-    assert plan["layers"][-1]["num_heads"] == model.config.num_attention_heads
+    assert plan.layers[0].intermediate_size == 128
+    assert plan.layers[-1].num_heads == model.config.num_attention_heads
     logits = pruned(windows[:2]).logits
     assert logits.shape == (2, windows.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
@@ -104,12 +109,12 @@ def test_query_head_unit_keeps_every_kv_head(tiny_model_dir, windows):
         count_params(model),
         params(ratio=0.3, attention_unit="query_head"),
     )
-    pruned_layers = [layer for layer in plan["layers"] if layer["num_heads"] < 4]
+    pruned_layers = [layer for layer in plan.layers if layer.num_heads < 4]
     assert pruned_layers, "a 30% plan should prune some heads"
     for layer in pruned_layers:
-        assert layer["kept_kv_heads"] == [0, 1]
+        assert layer.kept_kv_heads == [0, 1]
         # one head kept in each kv group (heads 0-1 -> group 0, heads 2-3 -> group 1)
-        assert sorted(h // 2 for h in layer["kept_heads"]) == [0, 1]
+        assert sorted(h // 2 for h in layer.kept_heads) == [0, 1]
 
 
 def test_uniform_allocation_gives_equal_layer_widths(tiny_model_dir, windows):
@@ -126,7 +131,7 @@ def test_uniform_allocation_gives_equal_layer_widths(tiny_model_dir, windows):
             ratio=0.1,
         ),
     )
-    widths = [layer["intermediate_size"] for layer in plan["layers"][1:-1]]
+    widths = [layer.intermediate_size for layer in plan.layers[1:-1]]
     # uniform ratio; the top-up may take one more channel from some layers
     assert max(widths) - min(widths) <= 1
 
@@ -140,9 +145,9 @@ def test_adaptive_allocation_is_non_uniform(tiny_model_dir, windows):
         count_params(model),
         params(prune_attention=False, adaptive_spread=0.5),
     )
-    widths = [layer["intermediate_size"] for layer in plan["layers"][1:-1]]
+    widths = [layer.intermediate_size for layer in plan.layers[1:-1]]
     assert max(widths) - min(widths) > 5
-    importances = [layer["layer_importance"] for layer in plan["layers"][1:-1]]
+    importances = [layer.layer_importance for layer in plan.layers[1:-1]]
     # the more important layer keeps more channels
     order = sorted(range(2), key=lambda i: importances[i])
     assert widths[order[0]] <= widths[order[1]]
@@ -235,7 +240,8 @@ def test_scores_round_trip(tiny_model_dir, windows, tmp_path):
     for name in scores.scores:
         for a, b in zip(scores.scores[name], loaded.scores[name], strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(loaded.fused()[0][1]["mlp"], scores.fused()[0][1]["mlp"])
+    fused, fused_again = loaded.estimator("saap"), scores.estimator("saap")
+    assert torch.equal(fused[1]["mlp"], fused_again[1]["mlp"])
 
 
 @pytest.mark.parametrize(
@@ -290,15 +296,13 @@ def test_layer_removal_drops_whole_layers(tiny_model_dir, windows, tmp_path):
         params(allocation="layers", importance="taylor_element1", ratio=0.3),
     )
     # one layer (~33k of 167k parameters) goes whole, MLP channels top up the rest
-    assert len(plan["removed_layers"]) == 1
-    lowest = min(
-        plan["prunable_layers"], key=lambda i: float(scores.block_influence[i])
-    )
-    assert plan["removed_layers"] == [lowest]
+    assert len(plan.removed_layers) == 1
+    lowest = min(plan.prunable_layers, key=lambda i: float(scores.block_influence[i]))
+    assert plan.removed_layers == [lowest]
     pruned = prune_model(model, plan)
     assert pruned.config.num_hidden_layers == 3
-    assert total - count_params(pruned) == plan["removed_params"]
-    assert abs(plan["removed_params"] - plan["target_removed"]) <= 192
+    assert total - count_params(pruned) == plan.removed_params
+    assert abs(plan.removed_params - plan.target_removed) <= 192
     save_checkpoint(pruned, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     with torch.no_grad():
@@ -326,11 +330,11 @@ def test_performance_bound_picks_largest_ratio_under_it(tiny_model_dir, windows)
         params(ratio=0.25, ppl_bound=bound, prune_attention=False),
         held_back,
     )
-    assert plan["holdout_ppl"] <= bound
-    assert plan["ratio_requested"] <= 0.25
+    assert plan.holdout_ppl <= bound
+    assert plan.ratio_requested <= 0.25
     # every tried ratio above the chosen one broke the bound
-    for trial in plan["ppl_search"]:
-        if trial["ratio"] > plan["ratio_requested"]:
+    for trial in plan.ppl_search:
+        if trial["ratio"] > plan.ratio_requested:
             assert trial["holdout_ppl"] > bound
 
 

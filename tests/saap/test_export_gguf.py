@@ -9,6 +9,7 @@ the user cache folder)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,23 +47,25 @@ def uneven_plan(shapes) -> dict:
 
     full_heads = list(range(shapes[0].num_heads))
     full_kv = list(range(shapes[0].num_kv_heads))
-    return {
-        "layers": [
-            {
-                "kept_heads": full_heads,
-                "kept_kv_heads": full_kv,
-                "kept_channels": channels(128),
-            },
+
+    def keep(heads, kv, kept_channels):
+        return SimpleNamespace(
+            removed=False,
+            kept_heads=heads,
+            kept_kv_heads=kv,
+            kept_channels=kept_channels,
+        )
+
+    # the fields of saap.plan.Plan that prune_model reads
+    return SimpleNamespace(
+        layers=[
+            keep(full_heads, full_kv, channels(128)),
             # one key/value group (and its two query heads) gone, 37 channels
-            {"kept_heads": [2, 3], "kept_kv_heads": [1], "kept_channels": channels(37)},
-            {"removed": True},
-            {
-                "kept_heads": full_heads,
-                "kept_kv_heads": full_kv,
-                "kept_channels": channels(100),
-            },
+            keep([2, 3], [1], channels(37)),
+            SimpleNamespace(removed=True),
+            keep(full_heads, full_kv, channels(100)),
         ]
-    }
+    )
 
 
 @pytest.fixture(scope="session", params=["tiny_model_dir", "tiny_qwen_dir"])

@@ -6,25 +6,33 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from saap.errors import DataError, PruningError
-from saap.finetune import (
-    group_ranks,
-    merge,
-    split_records,
-    tokenize_records,
-    train_lora,
-)
+from saap.finetune import merge, split_records, tokenize_records
 from saap.importance import collect_statistics
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import FinetuneParams, PruneParams
 from saap.plan import plan_from_scores
 from saap.prune import prune_model
+from saap.recovery import group_ranks, recover
 from saap.scores import scores_from_stats
 from stages import finetune as finetune_stage
 
 pytestmark = pytest.mark.unit
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after ``steps`` optimizer steps: an interruption."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+        return control
+
 
 RECORDS = [
     {
@@ -59,7 +67,7 @@ def tiny_params(**overrides) -> FinetuneParams:
         micro_batch_size=2,
         learning_rate=5e-3,
         warmup_steps=0,
-        eval_steps=3,
+        eval_steps=2,
         save_steps=2,
         val_size=2,
         cutoff_len=64,
@@ -81,7 +89,7 @@ def pruned(tiny_model_dir, windows, tmp_path):
     )
     small = prune_model(model, plan)
     save_checkpoint(small, tokenizer, tmp_path / "pruned")
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "plan.json").write_text(plan.dumps())
     (tmp_path / "alpaca.json").write_text(json.dumps(RECORDS))
     return tmp_path, plan
 
@@ -103,7 +111,7 @@ def test_training_reduces_loss_and_merge_matches(pruned, method, tmp_path):
     folder, plan = pruned
     model, tokenizer = load_model(folder / "pruned")
     train, val = split_records(RECORDS, 2, 0)
-    peft_model, result = train_lora(
+    peft_model, result = recover(
         model,
         tokenizer,
         train,
@@ -126,8 +134,8 @@ def test_training_reduces_loss_and_merge_matches(pruned, method, tmp_path):
 
 
 def test_group_ranks_follow_pruning_ratio():
-    plan = {"layers": [{"ratio": r} for r in (0.0, 0.5, 0.3, 0.1, 0.0, 0.0)]}
-    ranks = group_ranks(plan, base_rank=8, num_groups=3)
+    ratios = [0.0, 0.5, 0.3, 0.1, 0.0, 0.0]
+    ranks = group_ranks(ratios, base_rank=8, num_groups=3)
     # groups by ratio: {1, 2} (mean 0.4), {3, 0} (0.05), {4, 5} (0); total rank 48
     assert ranks[1] == ranks[2] > ranks[3] == ranks[0] > ranks[4] == ranks[5] == 1
     assert ranks[1] == round(48 * 0.4 / (0.4 * 2 + 0.05 * 2))
@@ -138,11 +146,11 @@ def test_resume_gives_the_same_weights(pruned, tmp_path):
     params = tiny_params(lora_dropout=0.1)
     train, val = split_records(RECORDS, 2, 0)
     model, tokenizer = load_model(folder / "pruned")
-    straight, _ = train_lora(
+    straight, _ = recover(
         model, tokenizer, train, val, params, tmp_path / "a", plan, progress=False
     )
     model, tokenizer = load_model(folder / "pruned")
-    stopped, _ = train_lora(
+    stopped, _ = recover(
         model,
         tokenizer,
         train,
@@ -150,12 +158,12 @@ def test_resume_gives_the_same_weights(pruned, tmp_path):
         params,
         tmp_path / "b",
         plan,
-        stop_after=4,
+        callbacks=[StopAfter(4)],
         progress=False,
     )
-    assert stopped is None and list((tmp_path / "b").glob("*.pt"))
+    assert list((tmp_path / "b").glob("finetune-*/checkpoint-4"))
     model, tokenizer = load_model(folder / "pruned")
-    resumed, result = train_lora(
+    resumed, result = recover(
         model, tokenizer, train, val, params, tmp_path / "b", plan, progress=False
     )
     assert result.resumed_from == 4

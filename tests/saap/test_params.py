@@ -40,8 +40,24 @@ def test_ratio_outside_unit_interval(ratio):
 def test_unknown_estimator_and_importance():
     with pytest.raises(ParamsError, match=r"importance\.estimators\.0"):
         parse_section("importance", {"estimators": ["taylor"]})
-    with pytest.raises(ParamsError, match="importance 'fancy' is unknown"):
+    with pytest.raises(
+        ParamsError,
+        match=r"prune\.importance: .*unknown estimator 'fancy'; known: .*saap",
+    ):
         parse_section("prune", {"importance": "fancy"})
+    with pytest.raises(
+        ParamsError, match=r"finetune\.method: .*unknown recovery 'qlora'"
+    ):
+        parse_section("finetune", {"method": "qlora"})
+    with pytest.raises(
+        ParamsError, match=r"export\.formats\.0: .*unknown format 'onnx'"
+    ):
+        parse_section("export", {"formats": ["onnx"]})
+    with pytest.raises(
+        ParamsError,
+        match=r"compare\.methods\.0: .*unknown comparison method 'sparsegpt'",
+    ):
+        parse_section("compare", {"methods": ["sparsegpt"]})
 
 
 def test_unknown_section_and_missing_file(tmp_path):

@@ -1,4 +1,6 @@
-"""The ``saap`` command: run single stages, the pipeline, and check params."""
+"""The ``saap`` command: run single stages, the pipeline, the comparison, deploy,
+read and apply gates. It drives stages/ and flows/, so it lives above them, outside
+the library (saap/ imports neither; tests/contracts/test_layering.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ import typer
 
 from saap.errors import SaapError
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+app = typer.Typer(
+    add_completion=False,
+    help="The saap command: run single stages, the pipeline, the comparison, "
+    "deploy, read and apply gates.",
+    no_args_is_help=True,
+)
 
 STAGES = {
     "assets": "fetch pinned packages; write models/base and data/{eval,text,instruct}",

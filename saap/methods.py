@@ -1,0 +1,95 @@
+"""The comparison's method table (:data:`METHODS`): how each published method
+scores, allocates and recovers, expressed in this project's estimators and
+allocations. ``compare.methods`` in params.yaml names its entries (plus
+``dense``, the unpruned reference). Adding a method is one ``METHODS.add`` line
+here plus its test; its estimator and allocation come from their registries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saap.errors import PruningError
+from saap.params import CompareParams, PruneParams
+from saap.plan import Plan, plan_from_scores
+from saap.registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method scores, allocates and recovers (see docs/results.md)."""
+
+    label: str
+    importance: str
+    allocation: str
+    bias_compensation: bool = False
+    # recovery methods (saap/recovery.py) run for it when compare.recover names it
+    recoveries: tuple[str, ...] = ("lora",)
+
+
+METHODS: Registry[Method] = Registry("comparison method", "saap/methods.py")
+
+METHODS.add("random", Method("Random", "random", "uniform"))
+METHODS.add(
+    "llm_pruner_vector", Method("LLM-Pruner vector", "taylor_vector", "uniform")
+)
+METHODS.add(
+    "llm_pruner_element1", Method("LLM-Pruner element1", "taylor_element1", "uniform")
+)
+METHODS.add(
+    "llm_pruner_element2", Method("LLM-Pruner element2", "taylor_element2", "uniform")
+)
+METHODS.add("flap", Method("FLAP", "flap", "global", bias_compensation=True))
+METHODS.add("wanda_sp", Method("Wanda-sp", "wanda_sp", "uniform"))
+# whole layers of lowest block influence; the remainder below one layer is filled
+# with MLP channels by taylor_element1 (so the budget is met exactly)
+METHODS.add("shortgpt", Method("ShortGPT", "taylor_element1", "layers"))
+METHODS.add("saap", Method("SAAP", "saap", "adaptive", recoveries=("group", "lora")))
+# SAAP with FLAP's bias compensation: the part that decides 50% (see
+# docs/results.md, benchmarks/ablate_allocation.py)
+METHODS.add(
+    "saap_bc",
+    Method("SAAP + bias comp.", "saap", "adaptive", bias_compensation=True),
+)
+
+
+def recovery_methods(method: str, params: CompareParams) -> list[str]:
+    """Fine-tuning methods run for ``method``: none, LoRA, or group + LoRA."""
+    if method not in params.recover or method == "dense":
+        return []
+    return list(METHODS[method].recoveries)
+
+
+def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParams:
+    """The prune section of an arm: the project's structure settings (skipped
+    layers, attention unit, spread) with the method's scores and allocation."""
+    spec = METHODS[method]
+    return base.model_copy(
+        update={
+            "ratio": ratio,
+            "importance": spec.importance,
+            "allocation": spec.allocation,
+            "bias_compensation": spec.bias_compensation,
+            "ppl_bound": None,
+        }
+    )
+
+
+def build_arm_plan(scores, shapes, total: int, params: PruneParams) -> Plan:
+    """The plan; if MLP channels alone cannot remove ``ratio`` (50% of SmolLM2
+    with its first and last layers kept), attention heads are pruned as well, the
+    same rule for every method, recorded in the plan."""
+    try:
+        plan = plan_from_scores(scores, shapes, total, params)
+    except PruningError:
+        if params.prune_attention:
+            raise
+        params = params.model_copy(update={"prune_attention": True})
+        plan = plan_from_scores(scores, shapes, total, params)
+    plan.prune_attention = params.prune_attention
+    plan.bias_compensation = params.bias_compensation
+    return plan
+
+
+def kept_fractions(plan: Plan) -> list[float]:
+    """Per layer, the fraction of its parameters kept (0 for a removed layer)."""
+    return [1.0 - (1.0 if e.removed else e.ratio) for e in plan.layers]
