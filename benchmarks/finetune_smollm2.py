@@ -22,7 +22,7 @@ from saap.finetune import merge, split_records
 from saap.model import load_model, native_bfloat16
 from saap.params import FinetuneParams
 from saap.plan import load_plan
-from saap.recovery import recover
+from saap.recovery import RecoveryData, recover
 from stages.finetune import read_records
 
 
@@ -58,7 +58,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as resume:
             started = time.perf_counter()
             peft_model, result = recover(
-                model, tokenizer, train, val, params, Path(resume), plan
+                model,
+                tokenizer,
+                RecoveryData(train, val),
+                params,
+                Path(resume),
+                plan,
             )
             wall = time.perf_counter() - started
         merged = merge(peft_model)

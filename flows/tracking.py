@@ -246,6 +246,27 @@ def registered_name(project: Path, params: GatesParams) -> str:
     return params.registered_model or f"saap-{base_model_name(project)}"
 
 
+def finetune_metrics(project: Path, timestamp: int) -> list[Metric]:
+    """The recovery's loss curve (``finetune.train_loss`` and
+    ``finetune.val_loss`` per optimizer step) and its totals."""
+    path = project / "metrics" / "finetune.json"
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    metrics = [
+        Metric("finetune.train_loss", float(loss), timestamp, step)
+        for step, loss in enumerate(report.get("train_losses", []), start=1)
+    ]
+    metrics += [
+        Metric("finetune.val_loss", float(loss), timestamp, int(step))
+        for step, loss in report.get("val_losses", {}).items()
+    ]
+    for key in ("tokens", "tokens_per_s", "seconds", "steps", "trainable_params"):
+        if isinstance(report.get(key), int | float):
+            metrics.append(Metric(f"finetune.{key}", float(report[key]), timestamp, 0))
+    return metrics
+
+
 def log_run(
     client: MlflowClient,
     run_id: str,
@@ -277,6 +298,7 @@ def log_run(
         for variant, metrics in all_metrics.items()
         for key, value in flat_metrics(variant, metrics).items()
     ]
+    batch += finetune_metrics(project, now)
     for start in range(0, len(batch), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=batch[start : start + 1000])
     for variant in all_metrics:
@@ -291,6 +313,8 @@ def log_run(
     for artifact in (
         "artifacts/plan/plan.json",
         "artifacts/plan/kept_fraction.png",
+        "metrics/finetune.json",
+        "metrics/finetune_loss.csv",
         "dvc.lock",
         "params.yaml",
     ):

@@ -178,11 +178,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fingerprint(params: FinetuneParams, data: list[Example], model) -> str:
-    """What a resume checkpoint must match: settings, data and starting weights."""
+def fingerprint(params: FinetuneParams, data: list[list[int]], model) -> str:
+    """What a resume checkpoint must match: settings, data (token ids) and
+    starting weights."""
     digest = hashlib.sha256(params.model_dump_json().encode())
-    for example in data:
-        digest.update(json.dumps(example.input_ids).encode())
+    for ids in data:
+        digest.update(json.dumps(ids).encode())
     for tensor in list(model.state_dict().values())[:4]:
         digest.update(tensor.float().numpy().tobytes()[:4096])
     return digest.hexdigest()[:16]
@@ -230,11 +231,13 @@ class _SessionStart:
         self.callback = Callback()
 
 
-def training_arguments(params: FinetuneParams, output_dir: Path, progress: bool):
+def training_arguments(
+    params: FinetuneParams, output_dir: Path, progress: bool, **overrides
+):
     """TrainingArguments of the recovery recipe (CPU, bf16 where native)."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=params.micro_batch_size,
         per_device_eval_batch_size=params.micro_batch_size,
@@ -265,57 +268,42 @@ def training_arguments(params: FinetuneParams, output_dir: Path, progress: bool)
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    return TrainingArguments(**(settings | overrides))
 
 
-def train_lora(
+def run_trainer(
     model,
-    tokenizer,
-    train_records: list[dict],
-    val_records: list[dict],
     params: FinetuneParams,
     resume_dir: Path,
-    rank_pattern: dict[str, int] | None = None,
+    key: str,
+    train_dataset,
+    eval_dataset,
+    collator,
     callbacks: list | None = None,
     progress: bool = True,
+    trainer_class=None,
+    trainer_kwargs: dict | None = None,
+    truncated: int = 0,
+    args_overrides: dict | None = None,
 ):
-    """Fine-tune ``model`` (float32) with LoRA; return (peft model with the best
-    validation step's adapters, :class:`TrainResult`). ``callbacks`` are extra
-    ``transformers.TrainerCallback`` objects (early stopping, interruption)."""
-    from peft import get_peft_model
+    """Train ``model`` with a ``transformers.Trainer`` (``trainer_class``, default
+    the stock one) under :func:`training_arguments`, resuming from the last
+    checkpoint under ``resume_dir/finetune-<key>``; returns (model with the best
+    validation step's weights, :class:`TrainResult`)."""
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    torch.manual_seed(params.seed)
-    train, truncated = tokenize_records(
-        tokenizer, train_records, params.cutoff_len, params.train_on_inputs
-    )
-    val, val_truncated = tokenize_records(
-        tokenizer, val_records, params.cutoff_len, params.train_on_inputs
-    )
-    if truncated + val_truncated:
-        log.warning(
-            "%d of %d records were longer than cutoff_len %d and were truncated",
-            truncated + val_truncated,
-            len(train) + len(val),
-            params.cutoff_len,
-        )
-    pad_id = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id
-    )
-    key = fingerprint(params, train, model)
-    peft_model = get_peft_model(model, lora_config(params, rank_pattern))
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     output_dir = resume_dir / f"finetune-{key}"
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    trainer = Trainer(
-        model=peft_model,
-        args=training_arguments(params, output_dir, progress),
-        train_dataset=_ExampleDataset(train),
-        eval_dataset=_ExampleDataset(val),
-        data_collator=lambda batch: collate(batch, pad_id),
+    trainer = (trainer_class or Trainer)(
+        model=model,
+        args=training_arguments(params, output_dir, progress, **(args_overrides or {})),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
         callbacks=[_final_step_callback(), *(callbacks or [])],
+        **(trainer_kwargs or {}),
     )
     session = _SessionStart()
     trainer.add_callback(session.callback)
@@ -335,26 +323,82 @@ def train_lora(
     }
     best_step = min(val_losses, key=lambda s: (val_losses[s], s)) if val_losses else 0
     tokens = int(trainer.state.num_input_tokens_seen)
-    session_tokens = tokens - session.tokens_at_start
-    peft_model = trainer.model
-    peft_model.eval()
+    trained = trainer.model
+    trained.eval()
     result = TrainResult(
         steps=int(trainer.state.global_step),
         tokens=tokens,
         seconds=seconds,
-        tokens_per_s=session_tokens / max(seconds, 1e-9),
+        tokens_per_s=(tokens - session.tokens_at_start) / max(seconds, 1e-9),
         train_losses=train_losses,
         val_losses=val_losses,
         best_step=best_step,
-        truncated=truncated + val_truncated,
+        truncated=truncated,
         resumed_from=resumed_from,
         trainable_params=trainable,
     )
-    return peft_model, result
+    return trained, result
 
 
-def merge(peft_model):
-    """Fold the adapters into the weights; the result has no adapter modules."""
-    merged = peft_model.merge_and_unload()
+def pad_id_of(tokenizer) -> int:
+    return (
+        tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id
+    )
+
+
+def train_lora(
+    model,
+    tokenizer,
+    train_records: list[dict],
+    val_records: list[dict],
+    params: FinetuneParams,
+    resume_dir: Path,
+    rank_pattern: dict[str, int] | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+):
+    """Fine-tune ``model`` (float32) with LoRA on instruction records; return
+    (peft model with the best validation step's adapters, :class:`TrainResult`).
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (early
+    stopping, interruption)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(params.seed)
+    train, truncated = tokenize_records(
+        tokenizer, train_records, params.cutoff_len, params.train_on_inputs
+    )
+    val, val_truncated = tokenize_records(
+        tokenizer, val_records, params.cutoff_len, params.train_on_inputs
+    )
+    if truncated + val_truncated:
+        log.warning(
+            "%d of %d records were longer than cutoff_len %d and were truncated",
+            truncated + val_truncated,
+            len(train) + len(val),
+            params.cutoff_len,
+        )
+    pad_id = pad_id_of(tokenizer)
+    key = fingerprint(params, [e.input_ids for e in train], model)
+    peft_model = get_peft_model(model, lora_config(params, rank_pattern))
+    return run_trainer(
+        peft_model,
+        params,
+        resume_dir,
+        key,
+        _ExampleDataset(train),
+        _ExampleDataset(val),
+        lambda batch: collate(batch, pad_id),
+        callbacks,
+        progress,
+        truncated=truncated + val_truncated,
+    )
+
+
+def merge(model):
+    """Fold LoRA adapters into the weights (the result has no adapter modules);
+    a model trained in full is returned as it is."""
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.eval()
     return merged

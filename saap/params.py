@@ -431,20 +431,32 @@ class GatesParams(Section):
 
 
 class FinetuneParams(Section):
-    """Recovery fine-tuning: LLM-Pruner's LoRA recipe or SAAP group fine-tuning."""
+    """Recovery: LLM-Pruner's LoRA recipe, SAAP group fine-tuning, or
+    distillation from the dense model (saap/recovery.py)."""
 
     method: RecoveryName = Field(
-        "group", description="lora (LLM-Pruner baseline) or group (SAAP)."
+        "group",
+        description="lora (LLM-Pruner baseline), group (SAAP) or kd (distillation "
+        "from the dense model).",
     )
     lora_r: int = Field(8, gt=0, description="LoRA rank (mean rank for group).")
     lora_alpha: int = Field(16, gt=0, description="LoRA alpha (2 x rank in group).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     num_groups: int = Field(3, gt=0, description="Layer groups for group fine-tuning.")
-    cutoff_len: int = Field(256, gt=8, description="Tokens per example, at most.")
+    cutoff_len: int = Field(
+        256, gt=8, description="Tokens per example, at most (kd: per packed window)."
+    )
     train_on_inputs: bool = Field(True, description="Loss on prompt tokens too.")
     val_size: int = Field(50, gt=0, description="Held-out records for validation.")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    batch_size: int = Field(8, gt=0, description="Examples per optimizer step.")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="AdamW learning rate; null = the method's own (LoRA 1e-4, "
+        "full-parameter kd 5e-5).",
+    )
+    batch_size: int = Field(
+        8, gt=0, description="Examples (kd: windows) per optimizer step."
+    )
     micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass.")
     max_steps: int | None = Field(
         20, gt=0, description="Optimizer steps (the token budget); null = epochs."
@@ -454,6 +466,28 @@ class FinetuneParams(Section):
     eval_steps: int = Field(10, gt=0, description="Validate every N steps.")
     save_steps: int = Field(10, gt=0, description="Resume checkpoint every N steps.")
     seed: int = Field(0, description="Seed of data order, dropout and init.")
+    kd_temperature: float = Field(
+        1.0, gt=0, description="kd: softmax temperature of teacher and student."
+    )
+    kd_alpha: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="kd: weight of the KL term; 1 - kd_alpha weighs the LM loss.",
+    )
+    kd_corpora: list[Literal["c4", "wiki", "instruct"]] = Field(
+        default_factory=lambda: ["c4", "wiki", "instruct"],
+        description="kd: training text: calibration halves of c4/wiki (never their "
+        "evaluation halves, never PTB) and the instruction sample as plain text.",
+    )
+    kd_val_windows: int = Field(
+        16, gt=0, description="kd: held-out windows for the validation KL."
+    )
+    kd_lora: bool = Field(
+        False,
+        description="kd: train LoRA adapters (lora_r) instead of every weight "
+        "(for models too large to train in full).",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod

@@ -3,33 +3,72 @@
 
 A recovery method turns a pruned model into a recovered one; every method here
 trains on transformers' ``Trainer`` (saap/finetune.py). Adding one is a class with
-``name``, ``needs_plan`` and ``run(...) -> (trained model, TrainResult)``,
-registered with ``RECOVERIES.add``, plus its test:
+``name``, ``needs_plan``, ``default_learning_rate`` and
+``run(model, tokenizer, data, params, resume_dir, plan, ...) -> (trained model,
+TrainResult)``, registered with ``RECOVERIES.add``, plus its test:
 
 - ``lora``: LLM-Pruner's recipe, one LoRA rank ``r`` on every projection of
-  every layer;
+  every layer, on the instruction sample;
 - ``group``: SAAP group fine-tuning. The decoder layers are split into
   ``num_groups`` groups by the plan's per-layer pruning ratio (most pruned
   first); each group gets a LoRA rank proportional to its mean pruning ratio,
   scaled so the adapters have the same total rank (and so about the same
   trainable parameters) as plain LoRA. Capacity goes where the pruning did its
-  damage.
+  damage;
+- ``kd``: distillation from the dense model (saap/distill.py) on plain text no
+  evaluation uses, every weight trained (or LoRA adapters with ``kd_lora``).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saap.errors import PruningError
-from saap.finetune import TARGET_MODULES, train_lora
+import torch
+
+from saap.errors import DataError, PruningError
+from saap.finetune import (
+    TARGET_MODULES,
+    alpaca_prompt,
+    fingerprint,
+    lora_config,
+    run_trainer,
+    train_lora,
+)
 from saap.params import FinetuneParams
 from saap.registry import Registry
 
 if TYPE_CHECKING:
     from saap.plan import Plan
 
+log = logging.getLogger(__name__)
+
 RECOVERIES: Registry = Registry("recovery", "saap/recovery.py registers them")
+
+
+@dataclass
+class RecoveryData:
+    """What a recovery may train on: the instruction records (split into
+    training and validation), the plain-text corpora folder, the evaluation
+    records (their text is cut out of distillation text) and a loader of the
+    dense teacher model (the last three needed by distillation only)."""
+
+    train_records: list[dict] = field(default_factory=list)
+    val_records: list[dict] = field(default_factory=list)
+    text_dir: Path | None = None
+    eval_dir: Path | None = None  # zero-shot task records, kept out of training
+    teacher: object | None = None  # () -> model, or a model
+
+    def load_teacher(self):
+        if self.teacher is None:
+            raise DataError(
+                "distillation needs the dense teacher model (--teacher models/base)"
+            )
+        if isinstance(self.teacher, torch.nn.Module):
+            return self.teacher
+        return self.teacher()
 
 
 def group_ranks(ratios: list[float], base_rank: int, num_groups: int) -> dict[int, int]:
@@ -57,6 +96,8 @@ class LoraRecovery:
 
     name = "lora"
     needs_plan = False
+    default_learning_rate = 1e-4
+    val_loss = "LM loss on held-out instruction records (nats/token)"
 
     def rank_pattern(self, params: FinetuneParams, plan: Plan | None) -> dict:
         return {}
@@ -65,23 +106,18 @@ class LoraRecovery:
         self,
         model,
         tokenizer,
-        train_records: list[dict],
-        val_records: list[dict],
+        data: RecoveryData,
         params: FinetuneParams,
         resume_dir: Path,
         plan: Plan | None = None,
         callbacks: list | None = None,
         progress: bool = True,
     ):
-        if self.needs_plan and plan is None:
-            raise PruningError(
-                f"{self.name} fine-tuning needs the pruning plan (--plan)"
-            )
         return train_lora(
             model,
             tokenizer,
-            train_records,
-            val_records,
+            data.train_records,
+            data.val_records,
             params,
             resume_dir,
             rank_pattern=self.rank_pattern(params, plan),
@@ -110,16 +146,111 @@ class GroupRecovery(LoraRecovery):
         return pattern
 
 
+class DistillRecovery:
+    """Logit distillation from the dense model (Minitron's recovery), every
+    weight trained, or LoRA adapters with ``kd_lora``."""
+
+    name = "kd"
+    needs_plan = False
+    default_learning_rate = 5e-5
+    val_loss = (
+        "distillation loss on held-out windows (KL(dense || student), "
+        "nats/token, when kd_alpha is 1)"
+    )
+
+    def run(
+        self,
+        model,
+        tokenizer,
+        data: RecoveryData,
+        params: FinetuneParams,
+        resume_dir: Path,
+        plan: Plan | None = None,
+        callbacks: list | None = None,
+        progress: bool = True,
+    ):
+        from saap.distill import (
+            WindowDataset,
+            collate_windows,
+            decontaminate,
+            distill_trainer_class,
+            distillation_documents,
+            evaluation_texts,
+            pack,
+            split_windows,
+        )
+
+        torch.manual_seed(params.seed)
+        instruct = [
+            alpaca_prompt(r) + r["output"]
+            for r in [*data.train_records, *data.val_records]
+        ]
+        documents = distillation_documents(data.text_dir, params.kd_corpora, instruct)
+        documents, cut = decontaminate(
+            documents, evaluation_texts(data.text_dir, data.eval_dir)
+        )
+        if cut:
+            log.info("cut %d words shared with evaluation text (13-grams)", cut)
+        windows = pack(tokenizer, documents, params.cutoff_len)
+        train, val = split_windows(windows, params.kd_val_windows, params.seed)
+        log.info(
+            "distillation text: %d windows of %d tokens (%d held out)",
+            len(windows),
+            params.cutoff_len,
+            len(val),
+        )
+        key = fingerprint(params, [train.flatten().tolist()], model)
+        if params.kd_lora:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(params))
+        teacher = data.load_teacher()
+        return run_trainer(
+            model,
+            params,
+            resume_dir,
+            key,
+            WindowDataset(train),
+            WindowDataset(val),
+            collate_windows,
+            callbacks,
+            progress,
+            trainer_class=distill_trainer_class(),
+            trainer_kwargs={
+                "teacher": teacher,
+                "temperature": params.kd_temperature,
+                "alpha": params.kd_alpha,
+            },
+            args_overrides={
+                # packed windows: every token counts, there is no padding
+                "include_num_input_tokens_seen": "all",
+                "optim": "adamw_torch_fused",
+            },
+        )
+
+
 RECOVERIES.add(LoraRecovery.name, LoraRecovery())
 RECOVERIES.add(GroupRecovery.name, GroupRecovery())
+RECOVERIES.add(DistillRecovery.name, DistillRecovery())
 
 
 def recover(
-    model, tokenizer, train_records, val_records, params, resume_dir, *args, **kw
+    model,
+    tokenizer,
+    data: RecoveryData,
+    params: FinetuneParams,
+    resume_dir: Path,
+    plan: Plan | None = None,
+    **options,
 ):
-    """Run the recovery method ``params.method`` (arguments as its ``run``);
-    returns (trained model, TrainResult)."""
+    """Run the recovery method ``params.method`` (``options``: ``callbacks``,
+    ``progress``); returns (trained model, TrainResult). A null learning rate
+    becomes the method's own."""
     method = RECOVERIES.get(params.method)
-    return method.run(
-        model, tokenizer, train_records, val_records, params, resume_dir, *args, **kw
-    )
+    if method.needs_plan and plan is None:
+        raise PruningError(f"{method.name} recovery needs the pruning plan (--plan)")
+    if params.learning_rate is None:
+        params = params.model_copy(
+            update={"learning_rate": method.default_learning_rate}
+        )
+    return method.run(model, tokenizer, data, params, resume_dir, plan, **options)

@@ -143,7 +143,7 @@ def run_arm(
     ``base_model`` is the float32 base; it is not modified.
     """
     from saap.finetune import merge, split_records
-    from saap.recovery import recover
+    from saap.recovery import RecoveryData, recover
     from saap.scores import load_scores
 
     eval_params = compare_evaluate_params(params, evaluate_base)
@@ -239,8 +239,13 @@ def run_arm(
             trained, result = recover(
                 _copy(first_pruned),
                 tokenizer,
-                train,
-                val,
+                RecoveryData(
+                    train,
+                    val,
+                    text_dir=text_dir,
+                    eval_dir=eval_dir,
+                    teacher=lambda: _copy(base_model).to(dtype),
+                ),
                 ft_params,
                 Path(resume),
                 first_plan,

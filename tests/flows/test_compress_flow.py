@@ -117,6 +117,9 @@ def test_full_flow_registers_and_promotes(project):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "pruned.ppl.ptb" in run.data.metrics and "dense.acc.piqa" in run.data.metrics
+    # the recovery's loss curve, one point per optimizer step
+    curve = client.get_metric_history(run.info.run_id, "finetune.train_loss")
+    assert [m.step for m in curve] == [1, 2]
     assert run.data.params["prune.ratio"] == "0.2"
     assert run.data.tags["git.revision"]
     assert any(tag.startswith("dvc.prune:") for tag in run.data.tags)

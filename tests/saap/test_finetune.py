@@ -15,7 +15,7 @@ from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import FinetuneParams, PruneParams
 from saap.plan import plan_from_scores
 from saap.prune import prune_model
-from saap.recovery import group_ranks, recover
+from saap.recovery import RecoveryData, group_ranks, recover
 from saap.scores import scores_from_stats
 from stages import finetune as finetune_stage
 
@@ -114,8 +114,7 @@ def test_training_reduces_loss_and_merge_matches(pruned, method, tmp_path):
     peft_model, result = recover(
         model,
         tokenizer,
-        train,
-        val,
+        RecoveryData(train, val),
         tiny_params(method=method),
         tmp_path / "resume",
         plan,
@@ -147,14 +146,19 @@ def test_resume_gives_the_same_weights(pruned, tmp_path):
     train, val = split_records(RECORDS, 2, 0)
     model, tokenizer = load_model(folder / "pruned")
     straight, _ = recover(
-        model, tokenizer, train, val, params, tmp_path / "a", plan, progress=False
+        model,
+        tokenizer,
+        RecoveryData(train, val),
+        params,
+        tmp_path / "a",
+        plan,
+        progress=False,
     )
     model, tokenizer = load_model(folder / "pruned")
     stopped, _ = recover(
         model,
         tokenizer,
-        train,
-        val,
+        RecoveryData(train, val),
         params,
         tmp_path / "b",
         plan,
@@ -164,7 +168,13 @@ def test_resume_gives_the_same_weights(pruned, tmp_path):
     assert list((tmp_path / "b").glob("finetune-*/checkpoint-4"))
     model, tokenizer = load_model(folder / "pruned")
     resumed, result = recover(
-        model, tokenizer, train, val, params, tmp_path / "b", plan, progress=False
+        model,
+        tokenizer,
+        RecoveryData(train, val),
+        params,
+        tmp_path / "b",
+        plan,
+        progress=False,
     )
     assert result.resumed_from == 4
     a, b = merge(straight).state_dict(), merge(resumed).state_dict()
@@ -181,9 +191,13 @@ def test_stage_saves_same_architecture_that_reloads(pruned, tmp_path):
         folder / "alpaca.json",
         out,
         tmp_path / "ft.json",
+        tmp_path / "curve.csv",
         tmp_path / "resume",
     )
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    curve = (tmp_path / "curve.csv").read_text().splitlines()
+    assert curve[0] == "step,train_loss,val_loss" and len(curve) == 1 + 6
+    assert curve[2].split(",")[2] != "" and curve[1].split(",")[2] == ""
     before, _ = load_model(folder / "pruned")
     after, _ = load_model(out)
     assert layer_shapes(after) == layer_shapes(before)
@@ -192,7 +206,7 @@ def test_stage_saves_same_architecture_that_reloads(pruned, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, after(ids).logits)
-    assert not list((tmp_path / "resume").glob("*.pt"))  # cleaned after success
+    assert not list((tmp_path / "resume").glob("finetune-*"))  # cleaned after success
 
 
 def test_bad_instruction_files_name_the_record(pruned, tmp_path):
@@ -221,5 +235,6 @@ def test_checkpoint_not_matching_plan_is_rejected(pruned, tiny_model_dir, tmp_pa
             folder / "alpaca.json",
             tmp_path / "o",
             tmp_path / "r.json",
+            tmp_path / "c.csv",
             tmp_path / "resume",
         )

@@ -19,7 +19,7 @@ from saap.model import count_params, layer_shapes, load_model
 from saap.params import PruneParams, parse_section
 from saap.plan import Plan, plan_from_scores
 from saap.prune import prune_model
-from saap.recovery import RECOVERIES, LoraRecovery, recover
+from saap.recovery import RECOVERIES, LoraRecovery, RecoveryData, recover
 from saap.registry import Registry
 from saap.scores import scores_from_stats
 from tests.saap.test_finetune import RECORDS, tiny_params
@@ -65,7 +65,9 @@ def test_a_new_estimator_is_one_registration(model_and_stats):
     spec = EstimatorSpec("channel_index", channel_index)
     with registered(ESTIMATORS, "channel_index", spec):
         importance = parse_section("importance", {"estimators": ["channel_index"]})
-        prune = parse_section("prune", {"importance": "channel_index", "ratio": 0.15, **SMALL})
+        prune = parse_section(
+            "prune", {"importance": "channel_index", "ratio": 0.15, **SMALL}
+        )
         scores = scores_from_stats(stats, list(importance.estimators), 0, {})
         plan = plan_from_scores(scores, layer_shapes(model), count_params(model), prune)
         assert plan.importance == "channel_index"
@@ -118,7 +120,12 @@ def test_a_new_recovery_is_one_registration(tiny_model_dir, tmp_path):
         train, val = split_records(RECORDS, 2, 0)
         params = tiny_params(method="first_layer_only", max_steps=2)
         trained, result = recover(
-            model, tokenizer, train, val, params, tmp_path, progress=False
+            model,
+            tokenizer,
+            RecoveryData(train, val),
+            params,
+            tmp_path,
+            progress=False,
         )
         ranks = {
             name: module.r["default"]

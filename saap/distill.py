@@ -1,0 +1,251 @@
+"""Knowledge distillation from the dense model: data, loss and the Trainer.
+
+Data: plain text that no evaluation uses (the calibration halves of the C4
+sample and the Wikipedia prose, and optionally the instruction sample as plain
+text), with every word 13-gram that also occurs in evaluation text cut out
+(:func:`decontaminate`), tokenized, joined with EOS between documents and cut
+into full windows of ``seq_len`` tokens: no padding, every position carries a
+target. A seeded slice of windows is held back for validation.
+
+Loss (Hinton et al. 2015; Minitron recovers with the logit term only):
+``alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE``,
+averaged over every next-token position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from saap.data import calibration_documents, evaluation_documents
+from saap.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TEXT_CORPORA = ("c4", "wiki")
+
+
+def distillation_documents(
+    text_dir: Path | None, corpora: list[str], instruct_texts: list[str]
+) -> list[str]:
+    """Documents of the distillation corpus: the calibration half of each text
+    corpus in ``corpora`` (never the evaluation half, never PTB) and, if
+    ``"instruct"`` is named, the instruction sample as plain text."""
+    documents: list[str] = []
+    for corpus in corpora:
+        if corpus == "instruct":
+            documents += instruct_texts
+        elif corpus in TEXT_CORPORA:
+            if text_dir is None:
+                raise DataError(
+                    f"distillation corpus {corpus!r} needs the text folder "
+                    "(--text data/text)"
+                )
+            documents += calibration_documents(text_dir, corpus)
+        else:
+            raise DataError(
+                f"unknown distillation corpus {corpus!r}; known: "
+                f"{[*TEXT_CORPORA, 'instruct']} (PTB and the evaluation halves "
+                "are evaluation text)"
+            )
+    return documents
+
+
+def pack(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
+    """Token ids of ``documents`` joined by EOS, cut into ``(N, seq_len)``
+    windows (the tail shorter than one window is dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids += encoded + [eos]
+    count = len(ids) // seq_len
+    if count == 0:
+        raise DataError(
+            f"the distillation text holds {len(ids)} tokens, less than one window "
+            f"of {seq_len}; add corpora (finetune.kd_corpora) or lower cutoff_len"
+        )
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def split_windows(
+    windows: torch.Tensor, val_windows: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split into training and held-out validation windows."""
+    if len(windows) <= val_windows:
+        raise DataError(
+            f"{len(windows)} distillation windows cannot leave {val_windows} for "
+            "validation; lower finetune.val_size or add corpora"
+        )
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[order[val_windows:]], windows[order[:val_windows]]
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, KL term) over all positions; logits ``(B, T, V)``.
+
+    The KL is per token, in nats, at temperature ``temperature`` and scaled by
+    ``T^2`` so its gradients keep their size when T changes; ``labels`` (next
+    token ids, already shifted) feed the cross-entropy term when ``alpha < 1``.
+    """
+    vocab = student_logits.shape[-1]
+    s = (student_logits.float() / temperature).view(-1, vocab)
+    t = (teacher_logits.float() / temperature).view(-1, vocab)
+    kl = (
+        F.kl_div(
+            F.log_softmax(s, -1),
+            F.log_softmax(t, -1),
+            log_target=True,
+            reduction="none",
+        )
+        .sum(-1)
+        .mean()
+        * temperature**2
+    )
+    if alpha >= 1.0 or labels is None:
+        return kl, kl
+    ce = F.cross_entropy(student_logits.float().view(-1, vocab), labels.reshape(-1))
+    return alpha * kl + (1 - alpha) * ce, kl
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[index]}
+
+
+def collate_windows(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.stack([b["input_ids"] for b in batch])}
+
+
+def distill_trainer_class():
+    """A ``transformers.Trainer`` whose loss is distillation from a frozen teacher
+    (built lazily: transformers is imported only when distilling)."""
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        def __init__(self, *args, teacher, temperature, alpha, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+            self.temperature = temperature
+            self.alpha = alpha
+
+        def compute_loss(
+            self, model, inputs, return_outputs=False, num_items_in_batch=None
+        ):
+            ids = inputs["input_ids"]
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids).logits[:, :-1]
+            outputs = model(input_ids=ids)
+            loss, _ = kd_loss(
+                outputs.logits[:, :-1],
+                teacher_logits,
+                ids[:, 1:],
+                self.temperature,
+                self.alpha,
+            )
+            return (loss, outputs) if return_outputs else loss
+
+        def prediction_step(
+            self, model, inputs, prediction_loss_only, ignore_keys=None
+        ):
+            # validation loss = the training objective on held-out windows
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return DistillTrainer
+
+
+def word_ngrams(text: str, n: int) -> set[int]:
+    """Hashes of the lower-cased word ``n``-grams of ``text``."""
+    words = text.lower().split()
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def shared_ngrams(train: list[str], evaluation: list[str], n: int = 13) -> int:
+    """How many word ``n``-grams of the training documents also occur in the
+    evaluation documents (13 words: the contamination test of GPT-3's paper)."""
+    seen: set[int] = set()
+    for text in evaluation:
+        seen |= word_ngrams(text, n)
+    return sum(len(word_ngrams(text, n) & seen) for text in train)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def evaluation_texts(text_dir: Path | None, eval_dir: Path | None) -> list[str]:
+    """Every text the evaluation reads: PTB test, the evaluation halves of C4
+    and Wikipedia, and every string of every zero-shot task record."""
+    texts: list[str] = []
+    if text_dir is not None:
+        for corpus in ("ptb", "c4", "wiki"):
+            texts += evaluation_documents(text_dir, corpus)
+    if eval_dir is not None:
+        for path in sorted(Path(eval_dir).glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    texts.append(" ".join(_strings(json.loads(line))))
+    return texts
+
+
+def decontaminate(
+    train: list[str], evaluation: list[str], n: int = 13
+) -> tuple[list[str], int]:
+    """Cut every word ``n``-gram shared with ``evaluation`` out of the training
+    documents (as GPT-3's decontamination did): a document with such n-grams is
+    split into the runs of words around them. Returns the documents and the
+    number of words removed."""
+    seen: set[int] = set()
+    for text in evaluation:
+        seen |= word_ngrams(text, n)
+    out: list[str] = []
+    removed = 0
+    for doc in train:
+        words = doc.split()
+        lower = [w.lower() for w in words]
+        hits = [
+            i
+            for i in range(len(words) - n + 1)
+            if hash(tuple(lower[i : i + n])) in seen
+        ]
+        if not hits:
+            out.append(doc)
+            continue
+        cut = [False] * len(words)
+        for i in hits:
+            cut[i : i + n] = [True] * n
+        removed += sum(cut)
+        run: list[str] = []
+        for word, drop in zip(words, cut, strict=True):
+            if drop:
+                if run:
+                    out.append(" ".join(run))
+                run = []
+            else:
+                run.append(word)
+        if run:
+            out.append(" ".join(run))
+    return out, removed

@@ -1,0 +1,187 @@
+"""Distillation recovery on the tiny fixture: packing, the loss, decontamination,
+training that brings the student closer to the teacher, resume, reload."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from saap.data import evaluation_documents
+from saap.distill import decontaminate, kd_loss, pack, shared_ngrams, split_windows
+from saap.errors import DataError
+from saap.finetune import merge
+from saap.importance import collect_statistics
+from saap.model import count_params, layer_shapes, load_model, save_checkpoint
+from saap.params import FinetuneParams, PruneParams
+from saap.plan import plan_from_scores
+from saap.prune import prune_model
+from saap.recovery import RecoveryData, recover
+from saap.scores import scores_from_stats
+from tests.saap.test_finetune import RECORDS, StopAfter
+
+pytestmark = pytest.mark.unit
+
+
+def kd_params(**overrides) -> FinetuneParams:
+    base = dict(
+        method="kd",
+        max_steps=6,
+        batch_size=4,
+        micro_batch_size=2,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        eval_steps=2,
+        save_steps=2,
+        val_size=2,
+        cutoff_len=32,
+        kd_val_windows=4,
+    )
+    return FinetuneParams(**(base | overrides))
+
+
+@pytest.fixture
+def student_and_teacher(tiny_model_dir, windows, tmp_path):
+    teacher, tokenizer = load_model(tiny_model_dir)
+    stats = collect_statistics(teacher, windows, 2, progress=False)
+    plan = plan_from_scores(
+        scores_from_stats(stats, [], 0, {}),
+        layer_shapes(teacher),
+        count_params(teacher),
+        PruneParams(ratio=0.25, skip_first=1, skip_last=1),
+    )
+    save_checkpoint(prune_model(teacher, plan), tokenizer, tmp_path / "pruned")
+    return tmp_path / "pruned", teacher, tokenizer
+
+
+def test_pack_joins_documents_with_eos_into_full_windows(tokenizer):
+    docs = ["the river and the city", "a king", "north south east west"]
+    windows = pack(tokenizer, docs, 4)
+    ids = sum((tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs), [])
+    total = len(ids) + len(docs)  # one EOS after each document
+    assert windows.shape == (total // 4, 4)
+    flat = windows.flatten().tolist()
+    assert flat.count(tokenizer.eos_token_id) >= len(docs) - 1
+    with pytest.raises(DataError, match="less than one window"):
+        pack(tokenizer, ["a"], 512)
+    train, val = split_windows(windows, 1, seed=0)
+    assert len(val) == 1 and len(train) == len(windows) - 1
+
+
+def test_kd_loss_is_the_kl_and_vanishes_on_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 5, 11, generator=g)
+    student = torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    loss, kl = kd_loss(teacher, teacher, labels, temperature=2.0, alpha=1.0)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    p = teacher.softmax(-1)
+    by_hand = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+    _, kl = kd_loss(student, teacher, labels, temperature=1.0, alpha=1.0)
+    assert float(kl) == pytest.approx(float(by_hand), rel=1e-5)
+    mixed, kl = kd_loss(student, teacher, labels, temperature=1.0, alpha=0.25)
+    ce = torch.nn.functional.cross_entropy(student.view(-1, 11), labels.view(-1))
+    assert float(mixed) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+
+
+def test_decontamination_cuts_shared_13_grams_only():
+    evaluation = [
+        "one two three four five six seven eight nine ten eleven twelve "
+        "thirteen fourteen"
+    ]
+    clean = "alpha beta gamma"
+    dirty = (
+        "start here ONE two three four five six seven eight nine ten eleven "
+        "twelve thirteen end there"
+    )
+    out, removed = decontaminate([clean, dirty], evaluation)
+    assert out == [clean, "start here", "end there"] and removed == 13
+    assert shared_ngrams(out, evaluation) == 0 < shared_ngrams([dirty], evaluation)
+
+
+def validation_kl(student, teacher, windows) -> float:
+    with torch.no_grad():
+        _, kl = kd_loss(
+            student(input_ids=windows).logits[:, :-1],
+            teacher(input_ids=windows).logits[:, :-1],
+            None,
+            1.0,
+            1.0,
+        )
+    return float(kl)
+
+
+def test_distillation_moves_the_student_toward_the_teacher(
+    student_and_teacher, text_dir, tmp_path
+):
+    pruned_dir, teacher, tokenizer = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    held = pack(tokenizer, evaluation_documents(text_dir, "wiki"), 32)[:8]
+    before = validation_kl(student, teacher, held)
+    data = RecoveryData(RECORDS[:10], RECORDS[10:], text_dir=text_dir, teacher=teacher)
+    trained, result = recover(
+        student, tokenizer, data, kd_params(), tmp_path / "resume", progress=False
+    )
+    assert result.steps == 6 and result.tokens == 6 * 4 * 32
+    assert result.trainable_params == count_params(trained)  # every weight
+    assert sorted(result.val_losses) == [2, 4, 6]
+    assert min(result.val_losses.values()) < result.val_losses[2] or math.isclose(
+        min(result.val_losses.values()), result.val_losses[2]
+    )
+    assert validation_kl(trained, teacher, held) < before
+    if trained.config.tie_word_embeddings:  # the best step's weights stay tied
+        assert trained.lm_head.weight.data_ptr() == (
+            trained.model.embed_tokens.weight.data_ptr()
+        )
+    # a model trained in full is merged as it is and reloads with plain transformers
+    merged = merge(trained)
+    save_checkpoint(merged, tokenizer, tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", trust_remote_code=True
+    )
+    ids = held[:1]
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_distillation_resumes_bit_identically(student_and_teacher, text_dir, tmp_path):
+    pruned_dir, teacher, tokenizer = student_and_teacher
+    data = RecoveryData(RECORDS[:10], RECORDS[10:], text_dir=text_dir, teacher=teacher)
+    params = kd_params()
+    student, _ = load_model(pruned_dir)
+    straight, _ = recover(
+        student, tokenizer, data, params, tmp_path / "a", progress=False
+    )
+    student, _ = load_model(pruned_dir)
+    recover(
+        student,
+        tokenizer,
+        data,
+        params,
+        tmp_path / "b",
+        callbacks=[StopAfter(4)],
+        progress=False,
+    )
+    student, _ = load_model(pruned_dir)
+    resumed, result = recover(
+        student, tokenizer, data, params, tmp_path / "b", progress=False
+    )
+    assert result.resumed_from == 4
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_needs_its_teacher_and_text(student_and_teacher, tmp_path):
+    pruned_dir, _, tokenizer = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    with pytest.raises(DataError, match="needs the text folder"):
+        recover(
+            student,
+            tokenizer,
+            RecoveryData(RECORDS[:10], RECORDS[10:]),
+            kd_params(),
+            tmp_path,
+            progress=False,
+        )
