@@ -323,7 +323,9 @@ def run_trainer(
     }
     best_step = min(val_losses, key=lambda s: (val_losses[s], s)) if val_losses else 0
     tokens = int(trainer.state.num_input_tokens_seen)
-    trained = trainer.model
+    # accelerate wraps forward in autocast when training in bf16: take it off, so
+    # the returned model computes in its own dtype (as it will after reloading)
+    trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     trained.eval()
     result = TrainResult(
         steps=int(trainer.state.global_step),

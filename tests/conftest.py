@@ -7,11 +7,18 @@ and 2 key/value heads, and a byte-level BPE tokenizer trained on the fixture tex
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# Prefect reads its settings once, when it is first imported (before any fixture
+# runs): the temporary server gets time to start on a loaded 2-core CI machine
+# (its default, 20 s, was seen to run out there) and sends no telemetry.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 WORDS = (
     "the a of to and in is was for on with as by at from that this it be are "

@@ -16,11 +16,19 @@ def isolated_services(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     for who in ("AUTHOR", "COMMITTER"):
         os.environ.setdefault(f"GIT_{who}_NAME", "saap-test")
         os.environ.setdefault(f"GIT_{who}_EMAIL", "saap-test@localhost")
-    yield
+    # the settings Prefect read at import do not follow os.environ: set them in
+    # its settings context too (the temporary server gets os.environ)
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 300}):
+        yield
     os.environ.clear()
     os.environ.update(saved)
