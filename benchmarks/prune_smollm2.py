@@ -21,7 +21,7 @@ import torch
 from saap.calibration import load_calibration
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
-from saap.importance import collect_statistics
+from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, PruneParams
 from saap.plan import plan_from_scores
@@ -59,7 +59,7 @@ def main() -> None:
     loaded = time.perf_counter()
     windows = load_calibration(args.calibration)["input_ids"]
     estimators = list(ImportanceParams().estimators)
-    stats = collect_statistics(model, windows, batch_size=4, want_fisher=True)
+    stats = collect_for(model, windows, 4, estimators)
     scores = scores_from_stats(stats, estimators, 0, {"num_layers": len(stats.layers)})
     estimated = time.perf_counter()
     shapes, total = layer_shapes(model), count_params(model)

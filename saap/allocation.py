@@ -12,7 +12,9 @@ target is met within one channel. Strategies are registered in
 - ``global``: one threshold over per-layer standardised scores (FLAP);
 - ``adaptive``: per-layer ratios from the layer ranking by importance and
   fluctuation (SAAP);
-- ``layers``: whole layers of lowest block influence, then MLP channels (ShortGPT).
+- ``layers``: whole layers of lowest block influence, then MLP channels (ShortGPT);
+- ``sensitivity``: MLP channels removed where the measured loss increase of each
+  layer (saap/sensitivity.py) predicts the smallest total increase.
 
 Adding one is a function ``(AllocationContext) -> Allocation`` decorated with
 ``@ALLOCATIONS.register("name")`` plus its test.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -147,6 +150,62 @@ def top_up(
         attn, mlp = steps[best]
         steps[best] = (attn, mlp + 1)
         removed += options[best].mlp_cost
+
+
+def round_widths(
+    options: list[LayerOptions],
+    steps: list[tuple[int, int]],
+    target: int,
+    multiple: int,
+) -> list[tuple[int, int]]:
+    """Runtime-aware widths: every pruned layer's kept MLP width becomes a multiple
+    of ``multiple`` (unpruned layers keep theirs). Each width is rounded to the
+    nearest allowed one, then whole blocks of ``multiple`` channels are removed
+    (lowest mean score of the next block first) or given back (highest mean score
+    of the last removed block first) until the removed count is within half a
+    block of ``target``."""
+    if multiple <= 1:
+        return list(steps)
+
+    def allowed(option: LayerOptions) -> list[int]:
+        """MLP step counts that leave a multiple of ``multiple`` (or remove none)."""
+        width = option.shape.intermediate_size
+        return [0] + sorted(
+            width - kept
+            for kept in range(multiple, width, multiple)
+            if 0 < width - kept <= option.max_mlp_steps
+        )
+
+    def block_score(option: LayerOptions, start: int, stop: int) -> float:
+        return float(option.mlp_scores_sorted[start:stop].mean())
+
+    rounded = []
+    for option, (attn, mlp) in zip(options, steps, strict=True):
+        choices = allowed(option)
+        rounded.append((attn, min(choices, key=lambda c: (abs(c - mlp), c))))
+    removed = removed_params(options, rounded)
+    while True:
+        # the move (layer, new step count) that best closes the gap
+        moves = []
+        for index, (option, (_, mlp)) in enumerate(zip(options, rounded, strict=True)):
+            choices = allowed(option)
+            position = choices.index(mlp)
+            if removed < target and position + 1 < len(choices):
+                more = choices[position + 1]
+                moves.append((block_score(option, mlp, more), index, more))
+            if removed > target and position > 0:
+                fewer = choices[position - 1]
+                moves.append((-block_score(option, fewer, mlp), index, fewer))
+        if not moves:
+            return rounded
+        _, index, new = min(moves)
+        attn, mlp = rounded[index]
+        change = (new - mlp) * options[index].mlp_cost
+        gap = abs(target - removed)
+        if abs(target - removed - change) >= gap:
+            return rounded
+        rounded[index] = (attn, new)
+        removed += change
 
 
 def ratio_schedule(
@@ -276,6 +335,8 @@ class AllocationContext:
     params: PruneParams
     fluctuation: torch.Tensor
     block_influence: torch.Tensor | None = None
+    # saap.sensitivity.Sensitivity, measured where the strategy needs it
+    sensitivity: Any | None = None
 
 
 @dataclass
@@ -331,3 +392,66 @@ def layers(ctx: AllocationContext) -> Allocation:
     whole = sum(ctx.options[i].shape.num_params() for i in removed)
     steps = top_up(options, [(0, 0) for _ in options], ctx.target - whole)
     return Allocation(steps, removed_layers=removed)
+
+
+def predicted_increase(sensitivity, layer: int, fraction: float) -> float:
+    """Loss increase of ``layer`` losing ``fraction`` of its MLP channels,
+    interpolated linearly between the measured fractions (0 at 0; extrapolated
+    from the last two beyond the last)."""
+    xs = [0.0, *sensitivity.fractions]
+    ys = [0.0, *(float(v) for v in sensitivity.table[layer])]
+    for k in range(1, len(xs)):
+        if fraction <= xs[k] or k == len(xs) - 1:
+            slope = (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+            return ys[k - 1] + slope * (fraction - xs[k - 1])
+    return ys[-1]
+
+
+@ALLOCATIONS.register("sensitivity")
+def sensitivity(ctx: AllocationContext) -> Allocation:
+    """Measured sensitivity (SAAP's performance requirement by measurement): MLP
+    channels are removed in chunks of 1/32 of a layer, each time from the layer
+    whose predicted loss increase per removed parameter is smallest (greedy
+    knapsack over the interpolated table), until the budget; MLP channels top
+    up the rest."""
+    table = ctx.sensitivity
+    if table is None:
+        raise PruningError(
+            "the sensitivity allocation needs measured layer sensitivities: the "
+            "ranking stage measures them on the held-back calibration windows "
+            "(calibration.holdout_samples > 0)"
+        )
+    if any(o.max_attn_steps for o in ctx.options):
+        raise PruningError(
+            "the sensitivity allocation prunes MLP channels only; set "
+            "prune.prune_attention to false or choose another allocation"
+        )
+    options = ctx.options
+    mlp = [0 for _ in options]
+    removed = 0
+    while True:
+        best, best_cost = None, None
+        for index in ctx.prunable:
+            option = options[index]
+            width = option.shape.intermediate_size
+            chunk = max(1, width // 32)
+            if mlp[index] + chunk > option.max_mlp_steps:
+                continue
+            size = chunk * option.mlp_cost
+            if removed + size > ctx.target:
+                continue
+            cost = (
+                predicted_increase(table, index, (mlp[index] + chunk) / width)
+                - predicted_increase(table, index, mlp[index] / width)
+            ) / size
+            if best_cost is None or cost < best_cost:
+                best, best_cost = index, cost
+        if best is None:
+            break
+        chunk = max(1, options[best].shape.intermediate_size // 32)
+        mlp[best] += chunk
+        removed += chunk * options[best].mlp_cost
+    steps = top_up(options, [(0, m) for m in mlp], ctx.target)
+    middle = len(table.fractions) // 2
+    ranking = -table.table[ctx.prunable, middle].float()
+    return Allocation(steps, ranking=ranking)

@@ -22,6 +22,7 @@ class Method:
     importance: str
     allocation: str
     bias_compensation: bool = False
+    least_squares: bool = False
     # recovery methods (saap/recovery.py) run for it when compare.recover names it
     recoveries: tuple[str, ...] = ("lora",)
 
@@ -50,6 +51,11 @@ METHODS.add(
     "saap_bc",
     Method("SAAP + bias comp.", "saap", "adaptive", bias_compensation=True),
 )
+# SAAP with the least-squares refit of the kept o_proj/down_proj columns and bias
+METHODS.add(
+    "saap_ls",
+    Method("SAAP + least squares", "saap", "adaptive", least_squares=True),
+)
 
 
 def recovery_methods(method: str, params: CompareParams) -> list[str]:
@@ -69,6 +75,7 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
             "importance": spec.importance,
             "allocation": spec.allocation,
             "bias_compensation": spec.bias_compensation,
+            "least_squares": spec.least_squares,
             "ppl_bound": None,
         }
     )
@@ -87,6 +94,8 @@ def build_arm_plan(scores, shapes, total: int, params: PruneParams) -> Plan:
         plan = plan_from_scores(scores, shapes, total, params)
     plan.prune_attention = params.prune_attention
     plan.bias_compensation = params.bias_compensation
+    plan.least_squares = params.least_squares or None
+    plan.ridge = params.ridge if params.least_squares else None
     return plan
 
 

@@ -75,6 +75,16 @@ BaseEstimator = Annotated[
     ),
 ]
 AnyEstimator = Annotated[str, AfterValidator(registered("estimator"))]
+FusableEstimator = Annotated[
+    str,
+    AfterValidator(
+        registered(
+            "estimator",
+            lambda spec: spec.jackknife is not None,
+            "estimator with jackknife replicates",
+        )
+    ),
+]
 AllocationName = Annotated[str, AfterValidator(registered("allocation"))]
 RecoveryName = Annotated[str, AfterValidator(registered("recovery"))]
 ExporterName = Annotated[str, AfterValidator(registered("exporter", what="format"))]
@@ -93,6 +103,7 @@ class ImportanceParams(Section):
     estimators: list[BaseEstimator] = Field(
         default_factory=lambda: [
             "taylor_vector",
+            "taylor_vector_group",
             "taylor_element1",
             "taylor_element2",
             "flap",
@@ -114,7 +125,14 @@ class PruneParams(Section):
     )
     importance: AnyEstimator = Field(
         "saap",
-        description="saap (fused taylor_vector + taylor_element1) or any estimator.",
+        description="saap (the saap_metrics fused) or any estimator.",
+    )
+    saap_metrics: list[FusableEstimator] = Field(
+        default_factory=lambda: ["taylor_vector", "taylor_element1"],
+        min_length=1,
+        description="What SAAP fuses under homoscedastic uncertainty: gradient "
+        "(taylor_vector, taylor_vector_group, taylor_element1) and activation "
+        "(wanda_sp, flap) estimators; each must be in importance.estimators.",
     )
     allocation: AllocationName = Field(
         "adaptive",
@@ -151,6 +169,25 @@ class PruneParams(Section):
     )
     bias_compensation: bool = Field(
         False, description="FLAP bias compensation of removed input channels."
+    )
+    least_squares: bool = Field(
+        False,
+        description="Least-squares refit of the kept o_proj/down_proj columns and "
+        "bias on calibration inputs (saap/compensation.py); subsumes "
+        "bias_compensation.",
+    )
+    ridge: float = Field(
+        0.01,
+        gt=0.0,
+        description="Ridge of the least-squares refit, relative to the mean "
+        "diagonal of the kept channels' input Gram matrix.",
+    )
+    width_multiple: int = Field(
+        1,
+        ge=1,
+        description="Kept MLP widths of pruned layers rounded to a multiple of this "
+        "(32: llama.cpp's q8_0/q4_0 blocks; 256: k-quants); 1 = no rounding. The "
+        "target is then met within half a block of this many channels.",
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random scores.")
 

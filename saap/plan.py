@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from saap.allocation import (
     AllocationContext,
     layer_options,
     removed_params,
+    round_widths,
 )
 from saap.errors import DataError, PruningError
 from saap.model import LayerShape
@@ -76,6 +77,9 @@ _OPTIONAL = (
     "base_model",
     "prune_attention",
     "bias_compensation",
+    "least_squares",
+    "ridge",
+    "sensitivity",
     "seed",
 )
 
@@ -106,6 +110,10 @@ class Plan:
     base_model: str | None = None
     prune_attention: bool | None = None
     bias_compensation: bool | None = None
+    least_squares: bool | None = None
+    ridge: float | None = None
+    # measured layer sensitivities (the sensitivity allocation)
+    sensitivity: dict | None = None
     seed: int | None = None
 
     def kept_layers(self) -> list[LayerPlan]:
@@ -238,6 +246,7 @@ def build_plan(
     ratio: float,
     fluctuation: torch.Tensor | None = None,
     block_influence: torch.Tensor | None = None,
+    sensitivity=None,
 ) -> Plan:
     """The plan that removes ``ratio`` of ``total_params``."""
     num_layers = len(shapes)
@@ -279,16 +288,26 @@ def build_plan(
                 fluctuation if fluctuation is not None else torch.zeros(num_layers)
             ),
             block_influence=block_influence,
+            sensitivity=sensitivity,
         )
     )
     removed_layers = allocation.removed_layers
-    removed = removed_params(options, allocation.steps)
-    removed += sum(shapes[i].num_params() for i in removed_layers)
+    whole = sum(shapes[i].num_params() for i in removed_layers)
+    # runtime-aware widths (a dropped layer keeps no channel to round)
+    steps = round_widths(
+        [
+            replace(o, max_mlp_steps=0) if i in removed_layers else o
+            for i, o in enumerate(options)
+        ],
+        allocation.steps,
+        target - whole,
+        params.width_multiple,
+    )
+    removed = removed_params(options, steps)
+    removed += whole
     ranking = allocation.ranking
     layers = []
-    for index, (option, steps) in enumerate(
-        zip(options, allocation.steps, strict=True)
-    ):
+    for index, (option, layer_steps) in enumerate(zip(options, steps, strict=True)):
         if index in removed_layers:
             layers.append(removed_layer_entry(index, scores[index]))
             continue
@@ -296,7 +315,7 @@ def build_plan(
             layer_entry(
                 index,
                 option,
-                steps,
+                layer_steps,
                 scores[index],
                 index in prunable,
                 (
@@ -328,15 +347,27 @@ def plan_from_scores(
     total_params: int,
     params: PruneParams,
     holdout_perplexity=None,
+    measure_sensitivity=None,
 ) -> Plan:
     """The plan for ``params`` from an :class:`~saap.scores.ImportanceScores`.
 
     With ``params.ppl_bound`` set, ``holdout_perplexity(plan) -> float`` is called
     on candidate plans and the largest ratio (bisection, 1/64 resolution of
     ``params.ratio``) whose held-back perplexity stays under the bound is chosen.
+    The ``sensitivity`` allocation calls ``measure_sensitivity(group scores,
+    prunable layers) -> saap.sensitivity.Sensitivity`` once.
     """
-    group_scores, details = scores.estimate(params.importance)
+    group_scores, details = scores.estimate(params.importance, params.saap_metrics)
     fluctuation = scores.fluctuation()
+    sensitivity = None
+    if params.allocation == "sensitivity":
+        if measure_sensitivity is None:
+            raise PruningError(
+                "prune.allocation 'sensitivity' measures layers on held-back "
+                "calibration windows; set calibration.holdout_samples > 0"
+            )
+        layers = range(params.skip_first, len(shapes) - params.skip_last)
+        sensitivity = measure_sensitivity(group_scores, list(layers))
 
     def make(ratio: float) -> Plan:
         plan = build_plan(
@@ -347,8 +378,11 @@ def plan_from_scores(
             ratio,
             fluctuation,
             scores.block_influence,
+            sensitivity,
         )
         plan.sigmas = details.get("sigmas")
+        if sensitivity is not None:
+            plan.sensitivity = sensitivity.to_json()
         return plan
 
     if params.ppl_bound is None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from saap.compensation import InputGram, least_squares_refit
 from saap.errors import PruningError
 from saap.model import LayerShape, decoder_layers, layer_shapes, to_saap_config
 from saap.modeling_saap_llama import SaapLlamaForCausalLM
@@ -70,12 +71,15 @@ def prune_model(
     model: PreTrainedModel,
     plan: Plan,
     input_means: list[dict[str, torch.Tensor]] | None = None,
+    grams: dict[int, dict[str, InputGram]] | None = None,
 ) -> SaapLlamaForCausalLM:
     """A new, smaller model with the plan's heads and channels kept.
 
     With ``input_means`` (mean inputs of o_proj and down_proj on calibration data)
     the removed input channels are compensated by a bias (FLAP): ``b += W[:, removed]
-    @ mean[removed]``.
+    @ mean[removed]``. With ``grams`` (:func:`saap.compensation.input_grams` of
+    the plan's layers) the kept columns and the bias are refitted by ridge least
+    squares instead (``plan.ridge``; saap/compensation.py).
     """
     shapes = layer_shapes(model)
     if len(plan.layers) != len(shapes):
@@ -104,8 +108,16 @@ def prune_model(
             return _new_linear(linear.weight[index_rows], bias)
 
         def columns(
-            linear: nn.Linear, kept: torch.Tensor, mean: torch.Tensor | None
+            linear: nn.Linear,
+            kept: torch.Tensor,
+            mean: torch.Tensor | None,
+            gram: InputGram | None = None,
         ) -> nn.Linear:
+            if gram is not None and len(kept) < linear.weight.shape[1]:
+                weight, bias = least_squares_refit(
+                    linear.weight, linear.bias, kept, gram, plan.ridge or 0.01
+                )
+                return _new_linear(weight, bias)
             bias = linear.bias.clone() if linear.bias is not None else None
             if mean is not None:
                 removed = torch.ones(linear.weight.shape[1], dtype=torch.bool)
@@ -114,16 +126,19 @@ def prune_model(
                 bias = shift.to(linear.weight.dtype) if bias is None else bias + shift
             return _new_linear(linear.weight[:, kept], bias)
 
+        layer_grams = (grams or {}).get(index, {})
         o_mean = input_means[index]["o"] if input_means else None
         down_mean = input_means[index]["down"] if input_means else None
         modules = {
             "q_proj": rows(attn.q_proj, q_rows),
             "k_proj": rows(attn.k_proj, kv_rows),
             "v_proj": rows(attn.v_proj, kv_rows),
-            "o_proj": columns(attn.o_proj, q_rows, o_mean),
+            "o_proj": columns(attn.o_proj, q_rows, o_mean, layer_grams.get("o")),
             "gate_proj": rows(mlp.gate_proj, channels),
             "up_proj": rows(mlp.up_proj, channels),
-            "down_proj": columns(mlp.down_proj, channels, down_mean),
+            "down_proj": columns(
+                mlp.down_proj, channels, down_mean, layer_grams.get("down")
+            ),
         }
         new_layers.append(modules)
         new_shapes.append(

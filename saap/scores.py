@@ -1,10 +1,11 @@
-"""The importance artifact: every estimator's group scores and the statistics the
-ranking and pruning need, saved as one safetensors file plus ``meta.json``."""
+"""The importance artifact: every estimator's group scores, their jackknife
+replicates, and the statistics the ranking and pruning need, saved as one
+safetensors file plus ``meta.json``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from saap.errors import DataError
 from saap.importance import CalibrationStats, estimate
-from saap.importance.estimators import ESTIMATORS
+from saap.importance.estimators import (
+    ESTIMATORS,
+    jackknife_replicates,
+    with_fusion_inputs,
+)
 
 # the layer ranking's importance-fluctuation indicator reads its per-batch scores
 FLUCTUATION_METRIC = "taylor_element1"
@@ -23,10 +28,13 @@ class ImportanceScores:
     """Group scores per estimator and layer, with the calibration side data."""
 
     scores: dict[str, list[dict[str, torch.Tensor]]]
+    # per-batch scores of FLUCTUATION_METRIC (the layer ranking's indicator)
     batch_scores: dict[str, list[dict[str, torch.Tensor]]]
     input_means: list[dict[str, torch.Tensor]]
     block_influence: torch.Tensor
     meta: dict
+    # leave-one-window-out scores {kind: (windows, n)} per layer, per estimator
+    replicates: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -36,19 +44,26 @@ class ImportanceScores:
         """Scores of estimator ``name`` per layer (a derived one is computed)."""
         return self.estimate(name)[0]
 
-    def estimate(self, name: str) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    def estimate(
+        self, name: str, metrics: list[str] | tuple[str, ...] | None = None
+    ) -> tuple[list[dict[str, torch.Tensor]], dict]:
         """Scores of estimator ``name`` per layer and its details (a derived
-        estimator's, e.g. SAAP's sigmas; empty for a base one)."""
+        estimator's, e.g. SAAP's sigmas; empty for a base one). ``metrics``: what a
+        derived estimator fuses (default: its registered inputs)."""
         spec = ESTIMATORS.get(name) if name in ESTIMATORS else None
         if spec is not None and spec.derived:
-            missing = [m for m in spec.inputs if m not in self.scores]
+            metrics = tuple(metrics or spec.inputs)
+            missing = [
+                m for m in metrics if m not in self.scores or m not in self.replicates
+            ]
             if missing:
                 raise DataError(
-                    f"estimator {name!r} is computed from {list(spec.inputs)} but the "
-                    f"importance scores lack {missing}; add them to "
-                    "importance.estimators"
+                    f"estimator {name!r} fuses {list(metrics)} but the importance "
+                    f"scores lack the scores or jackknife replicates of {missing}; "
+                    "add them to importance.estimators (only estimators with "
+                    "replicates can be fused)"
                 )
-            return spec.score(self)
+            return spec.score(self, metrics)
         if name not in self.scores:
             raise DataError(
                 f"importance scores hold no estimator {name!r}; available: "
@@ -61,7 +76,7 @@ class ImportanceScores:
         return [
             n
             for n, spec in ESTIMATORS.items()
-            if spec.derived and all(m in self.scores for m in spec.inputs)
+            if spec.derived and all(m in self.replicates for m in spec.inputs)
         ]
 
     def fluctuation(self) -> torch.Tensor:
@@ -77,22 +92,16 @@ class ImportanceScores:
 def scores_from_stats(
     stats: CalibrationStats, estimators: list[str], seed: int, meta: dict
 ) -> ImportanceScores:
-    """Run the estimators on collected statistics; the inputs of every derived
-    estimator (SAAP's fused metrics) are always included."""
-    derived = [spec for spec in ESTIMATORS.values() if spec.derived]
-    names = list(
-        dict.fromkeys([*(m for spec in derived for m in spec.inputs), *estimators])
-    )
-    batch_names = list(
-        dict.fromkeys(
-            [*(m for spec in derived for m in spec.batch_inputs), FLUCTUATION_METRIC]
-        )
-    )
+    """Run the estimators on collected statistics (the default inputs of derived
+    estimators always included), with the jackknife replicates of those that give
+    them (when the per-window pass ran)."""
+    estimators = with_fusion_inputs(list(estimators))
     return ImportanceScores(
-        scores=estimate(stats, names, seed),
+        scores=estimate(stats, list(estimators), seed),
         batch_scores={
-            m: [stats.batch_scores(i, m) for i in range(len(stats.layers))]
-            for m in batch_names
+            FLUCTUATION_METRIC: [
+                stats.batch_scores(i) for i in range(len(stats.layers))
+            ]
         },
         input_means=[
             {"o": stats.input_mean(i, "o"), "down": stats.input_mean(i, "down")}
@@ -100,6 +109,7 @@ def scores_from_stats(
         ],
         block_influence=stats.block_influence(),
         meta=meta,
+        replicates=jackknife_replicates(stats, list(estimators)),
     )
 
 
@@ -110,10 +120,12 @@ def save_scores(scores: ImportanceScores, out_dir: Path) -> None:
         for index, layer in enumerate(layers):
             for kind, values in layer.items():
                 tensors[f"score/{name}/{index}/{kind}"] = values.float().contiguous()
-    for name, layers in scores.batch_scores.items():
-        for index, layer in enumerate(layers):
-            for kind, values in layer.items():
-                tensors[f"batch/{name}/{index}/{kind}"] = values.float().contiguous()
+    for prefix, table in (("batch", scores.batch_scores), ("jack", scores.replicates)):
+        for name, layers in table.items():
+            for index, layer in enumerate(layers):
+                for kind, values in layer.items():
+                    key = f"{prefix}/{name}/{index}/{kind}"
+                    tensors[key] = values.float().contiguous()
     for index, means in enumerate(scores.input_means):
         for which, values in means.items():
             tensors[f"input_mean/{index}/{which}"] = values.float().contiguous()
@@ -147,6 +159,7 @@ def load_scores(in_dir: Path) -> ImportanceScores:
     return ImportanceScores(
         scores=nested("score"),
         batch_scores=nested("batch"),
+        replicates=nested("jack"),
         input_means=input_means,
         block_influence=tensors["block_influence"],
         meta=meta,

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from saap.atomic import atomic_dir, write_json
+from saap.calibration import load_calibration
+from saap.compensation import plan_grams
 from saap.errors import DataError, SaapError
 from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import evaluate_model
@@ -194,7 +196,12 @@ def run_arm(
             scores, shapes, total, prune_params.model_copy(update={"seed": seed})
         )
         means = scores.input_means if plan.bias_compensation else None
-        pruned = prune_model(base_model, plan, means)
+        grams = None
+        if plan.least_squares:
+            # the seed's calibration windows are saved beside its scores
+            windows = load_calibration(importance_dirs[seed])["input_ids"]
+            grams = plan_grams(base_model, plan, windows)
+        pruned = prune_model(base_model, plan, means, grams)
         prune_s = time.perf_counter() - started
         plan.seed = seed
         (plans_out / f"plan-seed{seed}.json").write_text(plan.dumps())

@@ -16,7 +16,7 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
-from saap.importance import ESTIMATORS, collect_statistics
+from saap.importance.estimators import collect_for
 from saap.model import load_model
 from saap.params import ImportanceParams, load_section
 from saap.scores import ImportanceScores, save_scores, scores_from_stats
@@ -31,16 +31,14 @@ def compute(
     started = time.perf_counter()
     model, _ = load_model(model_dir, dtype=torch.float32)
     windows = load_calibration(calibration_dir)["input_ids"]
-    stats = collect_statistics(
-        model,
-        windows,
-        params.batch_size,
-        want_fisher=any(ESTIMATORS[n].needs_fisher for n in params.estimators),
-    )
+    # the Fisher diagonal if needed; the jackknife of every estimator that gives
+    # it (SAAP may fuse any of them)
+    stats = collect_for(model, windows, params.batch_size, list(params.estimators))
     meta = {
         "num_layers": len(stats.layers),
         "estimators": list(params.estimators),
         "num_batches": stats.num_batches,
+        "jackknife_windows": stats.num_samples,
         "num_tokens": stats.num_tokens,
         "calibration_losses": stats.losses,
         "seconds": round(time.perf_counter() - started, 2),

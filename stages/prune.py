@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from saap.atomic import atomic_dir
+from saap.calibration import load_calibration
+from saap.compensation import plan_grams
+from saap.errors import DataError
 from saap.model import count_params, load_model, save_checkpoint
 from saap.plan import load_plan
 from saap.prune import prune_model
@@ -22,11 +25,26 @@ from stages.common import guarded, setup
 log = logging.getLogger("stages.prune")
 
 
-def run(model_dir: Path, plan_path: Path, importance_dir: Path, out_dir: Path) -> dict:
+def run(
+    model_dir: Path,
+    plan_path: Path,
+    importance_dir: Path,
+    out_dir: Path,
+    calibration_dir: Path | None = None,
+) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
     means = load_scores(importance_dir).input_means if plan.bias_compensation else None
-    pruned = prune_model(model, plan, means)
+    grams = None
+    if plan.least_squares:
+        if calibration_dir is None:
+            raise DataError(
+                "the plan asks for least-squares compensation, which needs the "
+                "calibration windows: pass --calibration data/calibration"
+            )
+        windows = load_calibration(calibration_dir)["input_ids"]
+        grams = plan_grams(model, plan, windows)
+    pruned = prune_model(model, plan, means, grams)
     summary = {
         "base_params": count_params(model),
         "pruned_params": count_params(pruned),
@@ -34,6 +52,7 @@ def run(model_dir: Path, plan_path: Path, importance_dir: Path, out_dir: Path) -
         "importance": plan.importance,
         "allocation": plan.allocation,
         "bias_compensation": bool(plan.bias_compensation),
+        "least_squares": bool(plan.least_squares),
     }
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(pruned, tokenizer, tmp, extra=summary)
@@ -46,10 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--plan", type=Path, default=Path("artifacts/plan/plan.json"))
     parser.add_argument("--importance", type=Path, default=Path("artifacts/importance"))
+    parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
     parser.add_argument("--out", type=Path, default=Path("models/pruned"))
     args = parser.parse_args(argv)
     setup()
-    summary = run(args.model, args.plan, args.importance, args.out)
+    summary = run(args.model, args.plan, args.importance, args.out, args.calibration)
     log.info(
         "pruned: %d -> %d parameters (%.2f%% removed)",
         summary["base_params"],

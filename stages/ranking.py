@@ -7,6 +7,7 @@ artifacts/importance --calibration data/calibration --out artifacts/plan``
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
+from saap.errors import DataError
 from saap.evaluation.perplexity import perplexity
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
 from saap.prune import prune_model
 from saap.scores import load_scores
+from saap.sensitivity import measure_sensitivity
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.ranking")
@@ -40,11 +43,23 @@ def run(
         def holdout(plan: Plan) -> float:
             return perplexity(prune_model(model, plan).to(dtype), windows)
 
+    def measure(group_scores, layers: list[int]):
+        windows = load_calibration(calibration_dir).get("holdout_ids")
+        if windows is None:
+            raise DataError(
+                "prune.allocation 'sensitivity' needs held-back windows: set "
+                "calibration.holdout_samples > 0"
+            )
+        dense = copy.deepcopy(model).to(compute_dtype())
+        return measure_sensitivity(dense, group_scores, layers, windows)
+
     plan = plan_from_scores(
-        scores, layer_shapes(model), count_params(model), params, holdout
+        scores, layer_shapes(model), count_params(model), params, holdout, measure
     )
     plan.base_model = str(model_dir)
     plan.bias_compensation = params.bias_compensation
+    plan.least_squares = params.least_squares or None
+    plan.ridge = params.ridge if params.least_squares else None
     return plan
 
 

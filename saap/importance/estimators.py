@@ -4,9 +4,14 @@ A *base* estimator maps one decoder layer's weights and calibration statistics t
 group scores ``{"q_head": (H,), "kv_group": (KV,), "mlp": (I,)}``; higher means
 more important. A *derived* estimator (SAAP's fusion) is computed from the
 scores of other estimators over all layers. Adding one is a function decorated
-with :func:`estimator` or :func:`derived` (here or in any module imported by
-``saap.importance``) plus its test; ``importance.estimators`` and
-``prune.importance`` in params.yaml accept its name from then on.
+with :func:`estimator`, :func:`gradient_estimator`, :func:`activation_estimator`
+or :func:`derived` (here or in any module imported by ``saap.importance``) plus
+its test; ``importance.estimators``, ``prune.importance`` and
+``prune.saap_metrics`` in params.yaml accept its name from then on.
+
+Gradient and activation estimators also give their *jackknife replicates*: the
+same score computed with each calibration window left out in turn, from which
+SAAP's fusion takes each metric's uncertainty.
 """
 
 from __future__ import annotations
@@ -16,14 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from saap.fusion import fuse, metric_sigma
-from saap.importance.stats import CalibrationStats
+from saap.fusion import fuse, jackknife_sigma
+from saap.importance.stats import (
+    CalibrationStats,
+    InputMoments,
+    collect_statistics,
+)
 from saap.importance.taylor import (
+    IndexFn,
+    element1_index,
+    gradient_atoms,
     groups_from_atoms,
+    index_values,
     reduce_groups,
-    taylor_element1_salience,
     taylor_element2_salience,
-    taylor_vector_salience,
 )
 from saap.registry import Registry
 
@@ -32,21 +43,29 @@ Estimator = Callable[[CalibrationStats, int, torch.Generator], UnitScores]
 KINDS = ("q_head", "kv_group", "mlp")
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @dataclass(frozen=True)
 class EstimatorSpec:
     """One registered estimator.
 
     ``score`` is ``(stats, layer index, generator) -> UnitScores`` for a base
-    estimator, ``(scores) -> (per-layer UnitScores, details)`` for a derived one,
-    where ``scores`` is a :class:`saap.scores.ImportanceScores` holding every
-    estimator in ``inputs`` and the per-batch scores of ``batch_inputs``.
+    estimator, ``(scores, metrics) -> (per-layer UnitScores, details)`` for a
+    derived one, where ``scores`` is a :class:`saap.scores.ImportanceScores`
+    holding the jackknife replicates of every metric fused (``inputs`` by
+    default). ``jackknife(stats, layer index) -> {kind: (windows, n)}`` gives a
+    base estimator's leave-one-window-out scores; ``index_fn`` is a gradient
+    estimator's per-row salience, which the per-window pass evaluates.
     """
 
     name: str
     score: Callable
     needs_fisher: bool = False
     inputs: tuple[str, ...] = ()
-    batch_inputs: tuple[str, ...] = ()
+    jackknife: Callable[[CalibrationStats, int], UnitScores] | None = None
+    index_fn: IndexFn | None = None
 
     @property
     def derived(self) -> bool:
@@ -56,12 +75,11 @@ class EstimatorSpec:
 ESTIMATORS: Registry[EstimatorSpec] = Registry(
     "estimator", "saap/importance/estimators.py registers them"
 )
-# per-batch scores exist for these (CalibrationStats.batch_scores)
-BATCH_METRICS = ("taylor_vector", "taylor_element1")
 
 
 def estimator(name: str, *, needs_fisher: bool = False):
-    """Register a base estimator under ``name``."""
+    """Register a base estimator ``(stats, layer index, generator) -> UnitScores``
+    (no jackknife replicates: it cannot be fused)."""
 
     def add(fn: Estimator) -> Estimator:
         ESTIMATORS.add(name, EstimatorSpec(name, fn, needs_fisher=needs_fisher))
@@ -70,51 +88,107 @@ def estimator(name: str, *, needs_fisher: bool = False):
     return add
 
 
-def derived(name: str, inputs: tuple[str, ...], batch_inputs: tuple[str, ...] = ()):
-    """Register an estimator computed from the scores of ``inputs``."""
-    bad = [m for m in batch_inputs if m not in BATCH_METRICS]
-    if bad:
-        raise ValueError(f"per-batch scores exist only for {BATCH_METRICS}, not {bad}")
+def gradient_estimator(name: str, finish: Callable = _identity):
+    """Register a first-order estimator from its per-row salience
+    ``(projection name, W, g) -> (rows,)`` (columns for o_proj and down_proj):
+    group scores are ``finish`` of the salience summed over each group, with
+    ``g`` the mean gradient; the jackknife uses the leave-one-out gradients."""
+
+    def add(index_fn: IndexFn) -> IndexFn:
+        def score(stats: CalibrationStats, index: int, _: torch.Generator):
+            shape = stats.layers[index].shape
+            atoms = gradient_atoms(
+                index_fn, stats.weights[index], stats.grads[index], shape.head_dim
+            )
+            return groups_from_atoms(atoms, shape.num_kv_heads, finish)
+
+        def jackknife(stats: CalibrationStats, index: int):
+            return stats.loo_scores(index, name, finish)
+
+        ESTIMATORS.add(
+            name, EstimatorSpec(name, score, jackknife=jackknife, index_fn=index_fn)
+        )
+        return index_fn
+
+    return add
+
+
+ChannelFn = Callable[
+    [dict[str, torch.Tensor], InputMoments, InputMoments],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+def activation_estimator(name: str):
+    """Register an output-side estimator from per-input-channel scores of o_proj
+    and down_proj: ``(weights, o moments, down moments) -> (channel_o,
+    channel_down)``, elementwise in the moments (so leave-one-out moments of
+    shape (windows, channels) give the jackknife replicates)."""
+
+    def add(channel_fn: ChannelFn) -> ChannelFn:
+        def score(stats: CalibrationStats, index: int, _: torch.Generator):
+            channels = channel_fn(
+                stats.weights[index],
+                stats.moments(index, "o"),
+                stats.moments(index, "down"),
+            )
+            return _output_side(stats, index, *channels)
+
+        def jackknife(stats: CalibrationStats, index: int):
+            channels = channel_fn(
+                stats.weights[index],
+                stats.loo_moments(index, "o"),
+                stats.loo_moments(index, "down"),
+            )
+            return _output_side(stats, index, *channels)
+
+        ESTIMATORS.add(name, EstimatorSpec(name, score, jackknife=jackknife))
+        return channel_fn
+
+    return add
+
+
+def derived(name: str, inputs: tuple[str, ...]):
+    """Register an estimator computed from the jackknife replicates and scores of
+    other estimators (``inputs``: the metrics used unless params name others)."""
 
     def add(fn):
-        ESTIMATORS.add(
-            name, EstimatorSpec(name, fn, inputs=inputs, batch_inputs=batch_inputs)
-        )
+        ESTIMATORS.add(name, EstimatorSpec(name, fn, inputs=inputs))
         return fn
 
     return add
 
 
-def _shape(stats: CalibrationStats, index: int):
-    return stats.layers[index].shape
+def jackknifed(name: str) -> bool:
+    """Whether estimator ``name`` gives jackknife replicates (can be fused)."""
+    return name in ESTIMATORS and ESTIMATORS[name].jackknife is not None
 
 
-@estimator("taylor_vector")
-def taylor_vector(
-    stats: CalibrationStats, index: int, _: torch.Generator
-) -> UnitScores:
-    """Vector-wise first-order Taylor: ``|sum_group W * dL/dW|`` (LLM-Pruner)."""
-    shape = _shape(stats, index)
-    salience = taylor_vector_salience(stats.weights[index], stats.grads[index])
-    return reduce_groups(salience, shape.num_kv_heads, shape.head_dim, torch.abs)
+@gradient_estimator("taylor_vector")
+def taylor_vector(name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """Vector-wise first-order Taylor as LLM-Pruner's code computes it
+    (TaylorImportance, ``vectorize``): ``|sum W * dL/dW|`` over each row of each
+    projection (column of o_proj/down_proj), summed over the group."""
+    return index_values(name, weight * grad).abs()
 
 
-@estimator("taylor_element1")
-def taylor_element1(
-    stats: CalibrationStats, index: int, _: torch.Generator
-) -> UnitScores:
-    """Element-wise first-order Taylor: ``sum_group |W * dL/dW|``."""
-    shape = _shape(stats, index)
-    salience = taylor_element1_salience(stats.weights[index], stats.grads[index])
-    return reduce_groups(salience, shape.num_kv_heads, shape.head_dim)
+@gradient_estimator("taylor_vector_group", finish=torch.abs)
+def taylor_vector_group(name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """Vector-wise first-order Taylor over the whole group: ``|sum_group W * g|``
+    (the form of LLM-Pruner's paper, Eq. 4, with the group as one vector)."""
+    return index_values(name, weight * grad)
+
+
+gradient_estimator("taylor_element1")(element1_index)  # sum_group |W * dL/dW|
 
 
 @estimator("taylor_element2", needs_fisher=True)
 def taylor_element2(
     stats: CalibrationStats, index: int, _: torch.Generator
 ) -> UnitScores:
-    """Element-wise second-order Taylor with the Fisher diagonal as Hessian."""
-    shape = _shape(stats, index)
+    """Element-wise second-order Taylor with the Fisher diagonal (mean of squared
+    per-window gradients) as Hessian."""
+    shape = stats.layers[index].shape
     fisher = stats.layers[index].fisher
     if not fisher:
         raise ValueError(
@@ -132,39 +206,41 @@ def _output_side(
     channel_o: torch.Tensor,
     channel_down: torch.Tensor,
 ) -> UnitScores:
-    """Group scores from per-input-channel scores of o_proj and down_proj."""
-    shape = _shape(stats, index)
-    q_head = channel_o.reshape(shape.num_heads, shape.head_dim).sum(1)
+    """Group scores from per-input-channel scores of o_proj and down_proj
+    (leading dimensions, e.g. jackknife replicates, are kept)."""
+    shape = stats.layers[index].shape
+    lead = channel_o.shape[:-1]
+    q_head = channel_o.reshape(*lead, shape.num_heads, shape.head_dim).sum(-1)
     atoms = {
         "q_head": q_head,
-        "kv_head": torch.zeros(shape.num_kv_heads),
+        "kv_head": torch.zeros(*lead, shape.num_kv_heads),
         "mlp": channel_down,
     }
     return groups_from_atoms(atoms, shape.num_kv_heads)
 
 
-@estimator("flap")
-def flap(stats: CalibrationStats, index: int, _: torch.Generator) -> UnitScores:
+@activation_estimator("flap")
+def flap(weights, o: InputMoments, down: InputMoments):
     """FLAP fluctuation: input variance x squared column norm (An et al. 2024)."""
-    weights = stats.weights[index]
-    channel_o = stats.input_variance(index, "o") * weights["o"].square().sum(0)
-    channel_down = stats.input_variance(index, "down") * weights["down"].square().sum(0)
-    return _output_side(stats, index, channel_o, channel_down)
+    return (
+        o.variance * weights["o"].square().sum(0),
+        down.variance * weights["down"].square().sum(0),
+    )
 
 
-@estimator("wanda_sp")
-def wanda_sp(stats: CalibrationStats, index: int, _: torch.Generator) -> UnitScores:
+@activation_estimator("wanda_sp")
+def wanda_sp(weights, o: InputMoments, down: InputMoments):
     """Wanda-sp: ``sum_i |W_ij| * ||X_j||`` over each input channel ``j``."""
-    weights = stats.weights[index]
-    channel_o = weights["o"].abs().sum(0) * stats.input_norm(index, "o")
-    channel_down = weights["down"].abs().sum(0) * stats.input_norm(index, "down")
-    return _output_side(stats, index, channel_o, channel_down)
+    return (
+        weights["o"].abs().sum(0) * o.norm,
+        weights["down"].abs().sum(0) * down.norm,
+    )
 
 
 @estimator("magnitude")
 def magnitude(stats: CalibrationStats, index: int, _: torch.Generator) -> UnitScores:
     """Weight magnitude: ``sum_group |W|`` (data-free)."""
-    shape = _shape(stats, index)
+    shape = stats.layers[index].shape
     salience = {name: w.abs() for name, w in stats.weights[index].items()}
     return reduce_groups(salience, shape.num_kv_heads, shape.head_dim)
 
@@ -174,7 +250,7 @@ def random(
     stats: CalibrationStats, index: int, generator: torch.Generator
 ) -> UnitScores:
     """Uniform random scores (seeded): the floor every method must beat."""
-    shape = _shape(stats, index)
+    shape = stats.layers[index].shape
     return {
         "q_head": torch.rand(shape.num_heads, generator=generator),
         "kv_group": torch.rand(shape.num_kv_heads, generator=generator),
@@ -185,23 +261,23 @@ def random(
 SAAP_METRICS = ("taylor_vector", "taylor_element1")
 
 
-@derived("saap", inputs=SAAP_METRICS, batch_inputs=SAAP_METRICS)
-def saap_fusion(scores) -> tuple[list[UnitScores], dict]:
+@derived("saap", inputs=SAAP_METRICS)
+def saap_fusion(scores, metrics: tuple[str, ...] = SAAP_METRICS):
     """SAAP: the metrics fused under homoscedastic uncertainty (saap/fusion.py),
-    per kind over all layers; details: the sigma of each metric per kind."""
+    per kind over all layers, each metric's sigma the jackknife standard error of
+    its mean-normalised scores; details: the sigma of each metric per kind."""
     sigmas: dict[str, dict[str, float]] = {}
     fused_layers: list[UnitScores] = [{} for _ in range(scores.num_layers)]
     for kind in KINDS:
         sigmas[kind] = {
-            metric: metric_sigma(
-                torch.cat([layer[kind] for layer in scores.batch_scores[metric]], 1)
+            metric: jackknife_sigma(
+                torch.cat([layer[kind] for layer in scores.replicates[metric]], 1)
             )
-            for metric in SAAP_METRICS
+            for metric in metrics
         }
-        sizes = [layer[kind].numel() for layer in scores.scores[SAAP_METRICS[0]]]
+        sizes = [layer[kind].numel() for layer in scores.scores[metrics[0]]]
         observed = {
-            m: torch.cat([layer[kind] for layer in scores.scores[m]])
-            for m in SAAP_METRICS
+            m: torch.cat([layer[kind] for layer in scores.scores[m]]) for m in metrics
         }
         for index, part in enumerate(torch.split(fuse(observed, sigmas[kind]), sizes)):
             fused_layers[index][kind] = part
@@ -227,3 +303,60 @@ def estimate(
         ]
         for name in names
     }
+
+
+def with_fusion_inputs(names: list[str]) -> list[str]:
+    """``names`` and the default inputs of every derived estimator (always
+    computed, so ``prune.importance: saap`` works with any estimator list)."""
+    inputs = [m for spec in ESTIMATORS.values() if spec.derived for m in spec.inputs]
+    return list(dict.fromkeys([*inputs, *names]))
+
+
+def jackknife_functions(names: list[str]) -> dict[str, IndexFn]:
+    """The per-row saliences the per-window pass evaluates, for the gradient
+    estimators among ``names``."""
+    return {
+        n: ESTIMATORS[n].index_fn
+        for n in names
+        if n in ESTIMATORS and ESTIMATORS[n].index_fn is not None
+    }
+
+
+def jackknife_replicates(
+    stats: CalibrationStats, names: list[str]
+) -> dict[str, list[UnitScores]]:
+    """Leave-one-window-out scores ``{kind: (windows, n)}`` per layer for every
+    estimator in ``names`` whose replicates the per-window pass collected."""
+    first = stats.layers[0]
+
+    def collected(name: str) -> bool:
+        if not jackknifed(name):
+            return False
+        if ESTIMATORS[name].index_fn is not None:
+            return name in first.loo_atoms
+        return bool(first.sample_inputs)
+
+    return {
+        name: [ESTIMATORS[name].jackknife(stats, i) for i in range(len(stats.layers))]
+        for name in names
+        if collected(name)
+    }
+
+
+def collect_for(
+    model, windows: torch.Tensor, batch_size: int, names: list[str], progress=True
+) -> CalibrationStats:
+    """Calibration statistics with what the estimators ``names`` need: the
+    per-window Fisher diagonal, and the jackknife of every one that gives it
+    (derived estimators' default inputs included)."""
+    names = with_fusion_inputs(names)
+    return collect_statistics(
+        model,
+        windows,
+        batch_size,
+        want_fisher=any(ESTIMATORS[n].needs_fisher for n in names),
+        progress=progress,
+        jackknife=(
+            jackknife_functions(names) if any(jackknifed(n) for n in names) else None
+        ),
+    )

@@ -1,29 +1,44 @@
-"""Calibration statistics gathered in explicit accumulators, batch by batch.
+"""Calibration statistics gathered in explicit accumulators.
 
-One pass over the calibration windows collects, per decoder layer:
+A first pass over the calibration windows, batch by batch, collects per decoder
+layer:
 
-- the summed gradient of every projection (kept in ``.grad`` itself, which
-  autograd accumulates across batches: no extra copy);
-- the Fisher diagonal (sum of squared per-batch gradients) when a second-order
-  estimator needs it: one extra float32 copy of the layer weights;
-- per-batch vector-wise and element-wise Taylor group scores (tiny), from
-  gradient hooks that see each batch's gradient before it is accumulated; their
-  spread over batches is the uncertainty the SAAP fusion uses;
+- the mean gradient of every projection over the windows (kept in ``.grad``
+  itself, which autograd accumulates across batches: no extra copy);
+- per-batch element-wise Taylor group scores (tiny), from gradient hooks that see
+  each batch's gradient before it is accumulated: the layer ranking's
+  importance-fluctuation indicator;
 - sums of the inputs of o_proj and down_proj and of their squares (float64) for
   FLAP's fluctuation, Wanda-sp's input norms and FLAP's bias compensation;
 - the block influence ``1 - cos(h_in, h_out)`` of each layer (ShortGPT).
+
+A second pass, one window at a time, runs when a second-order estimator needs the
+Fisher diagonal or when estimators are to be jackknifed (SAAP's uncertainty):
+
+- the Fisher diagonal as the mean of squared per-window gradients (one extra
+  float32 copy of the layer weights);
+- for each jackknifed gradient estimator, its group scores computed on the mean
+  gradient of all windows but one (leave-one-out), one set per window;
+- each window's own input sums of o_proj and down_proj, from which the
+  activation estimators' leave-one-out scores follow.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saap.importance.taylor import atom_sums, groups_from_atoms
+from saap.importance.taylor import (
+    IndexFn,
+    add_atoms,
+    element1_index,
+    groups_from_atoms,
+)
 from saap.model import LayerShape, decoder_layers, layer_shapes
 
 log = logging.getLogger(__name__)
@@ -60,9 +75,12 @@ class LayerStats:
     down_in_sq: torch.Tensor | None = None
     tokens: int = 0
     influence_sum: float = 0.0
-    # per batch: atom -> signed sum of W*g (vector) / sum |W*g| (element)
-    batch_vector_atoms: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # per batch: atom -> sum |W*g| (the fluctuation indicator)
     batch_element_atoms: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # second pass, per window: "o_sum", "o_sq", "down_sum", "down_sq", "tokens"
+    sample_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # second pass: metric -> per window: atom -> leave-one-out atom sums
+    loo_atoms: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def add_input(self, which: str, x: torch.Tensor) -> None:
         """Add the (tokens, channels) input of o_proj or down_proj."""
@@ -80,6 +98,39 @@ class LayerStats:
                 squares if self.down_in_sq is None else self.down_in_sq + squares
             )
 
+    def add_sample_input(self, which: str, x: torch.Tensor) -> None:
+        """Record one window's input sums of o_proj or down_proj (second pass)."""
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        slot = self.sample_inputs[-1]
+        slot[f"{which}_sum"] = x.sum(0)
+        slot[f"{which}_sq"] = x.square().sum(0)
+        slot["tokens"] = torch.tensor(float(x.shape[0]), dtype=torch.float64)
+
+
+@dataclass
+class InputMoments:
+    """Sums of one projection's inputs over tokens: ``total`` and ``squares``
+    (channels,) or (windows, channels) for leave-one-out moments, and
+    ``tokens`` (scalar or (windows, 1))."""
+
+    total: torch.Tensor
+    squares: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.tokens.clamp_min(1)).float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        n = self.tokens.clamp_min(1)
+        mean = self.total / n
+        return (self.squares / n - mean.square()).clamp_min(0).float()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.squares.clamp_min(0).sqrt().float()
+
 
 @dataclass
 class CalibrationStats:
@@ -91,74 +142,127 @@ class CalibrationStats:
     num_batches: int
     num_tokens: int
     losses: list[float]
+    # windows of the second pass (0: none ran)
+    num_samples: int = 0
 
-    def input_mean(self, index: int, which: str) -> torch.Tensor:
-        """Mean input of o_proj (``o``) or down_proj (``down``) of a layer."""
+    def moments(self, index: int, which: str) -> InputMoments:
+        """Input moments of o_proj (``o``) or down_proj (``down``) of a layer."""
         stats = self.layers[index]
-        total = stats.o_in_sum if which == "o" else stats.down_in_sum
-        return (total / max(stats.tokens, 1)).float()
-
-    def input_variance(self, index: int, which: str) -> torch.Tensor:
-        """Per-channel variance of the input over calibration tokens."""
-        stats = self.layers[index]
-        n = max(stats.tokens, 1)
         total, squares = (
             (stats.o_in_sum, stats.o_in_sq)
             if which == "o"
             else (stats.down_in_sum, stats.down_in_sq)
         )
-        mean = total / n
-        return (squares / n - mean.square()).clamp_min(0).float()
+        return InputMoments(
+            total, squares, torch.tensor(float(stats.tokens), dtype=torch.float64)
+        )
+
+    def loo_moments(self, index: int, which: str) -> InputMoments:
+        """Input moments without each window in turn: (windows, channels)."""
+        stats = self.layers[index]
+        if not stats.sample_inputs:
+            raise ValueError(
+                "leave-one-out moments need statistics collected with a jackknife "
+                "(collect_statistics(..., jackknife={...}))"
+            )
+        full = self.moments(index, which)
+        samples = stats.sample_inputs
+        return InputMoments(
+            full.total - torch.stack([s[f"{which}_sum"] for s in samples]),
+            full.squares - torch.stack([s[f"{which}_sq"] for s in samples]),
+            full.tokens - torch.stack([s["tokens"] for s in samples]).unsqueeze(1),
+        )
+
+    def input_mean(self, index: int, which: str) -> torch.Tensor:
+        """Mean input of o_proj (``o``) or down_proj (``down``) of a layer."""
+        return self.moments(index, which).mean
+
+    def input_variance(self, index: int, which: str) -> torch.Tensor:
+        """Per-channel variance of the input over calibration tokens."""
+        return self.moments(index, which).variance
 
     def input_norm(self, index: int, which: str) -> torch.Tensor:
         """Per-channel L2 norm of the input over calibration tokens."""
-        stats = self.layers[index]
-        squares = stats.o_in_sq if which == "o" else stats.down_in_sq
-        return squares.sqrt().float()
+        return self.moments(index, which).norm
 
-    def batch_scores(self, index: int, metric: str) -> dict[str, torch.Tensor]:
-        """Per-batch group scores (B, n) of ``taylor_vector`` or ``taylor_element1``."""
+    def batch_scores(self, index: int) -> dict[str, torch.Tensor]:
+        """Per-batch element-wise Taylor group scores (B, n) of a layer."""
         stats = self.layers[index]
-        if metric == "taylor_vector":
-            atoms, finish = stats.batch_vector_atoms, torch.abs
-        else:
-            atoms, finish = stats.batch_element_atoms, (lambda x: x)
         per_batch = [
-            groups_from_atoms(a, stats.shape.num_kv_heads, finish) for a in atoms
+            groups_from_atoms(a, stats.shape.num_kv_heads)
+            for a in stats.batch_element_atoms
         ]
         return {
             kind: torch.stack([b[kind] for b in per_batch]) for kind in per_batch[0]
         }
+
+    def loo_scores(
+        self,
+        index: int,
+        metric: str,
+        finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    ) -> dict[str, torch.Tensor]:
+        """Leave-one-window-out group scores (N, n) of a jackknifed gradient
+        estimator."""
+        stats = self.layers[index]
+        if metric not in stats.loo_atoms:
+            raise ValueError(
+                f"no leave-one-out scores of {metric!r} were collected; pass it in "
+                "collect_statistics(..., jackknife=...)"
+            )
+        per_sample = stats.loo_atoms[metric]
+        atoms = {a: torch.stack([s[a] for s in per_sample]) for a in per_sample[0]}
+        atoms.setdefault(
+            "kv_head", torch.zeros(len(per_sample), stats.shape.num_kv_heads)
+        )
+        return groups_from_atoms(atoms, stats.shape.num_kv_heads, finish)
 
     def block_influence(self) -> torch.Tensor:
         """Mean ``1 - cos(h_in, h_out)`` per layer, (L,)."""
         return torch.tensor([s.influence_sum / max(s.tokens, 1) for s in self.layers])
 
 
-def _grad_hook(
+def _batch_hook(stats: LayerStats, name: str, weight: torch.Tensor, head_dim: int):
+    def hook(grad: torch.Tensor) -> None:
+        # this batch's |W*g|, before accumulation
+        add_atoms(
+            stats.batch_element_atoms[-1],
+            name,
+            element1_index(name, weight.detach(), grad),
+            head_dim,
+        )
+
+    return hook
+
+
+def _sample_hook(
     stats: LayerStats,
-    batch: list[int],
     name: str,
     weight: torch.Tensor,
-    head_dim: int,
+    mean_grad: torch.Tensor,
+    num_samples: int,
+    jackknife: Mapping[str, IndexFn],
     want_fisher: bool,
 ):
+    head_dim = stats.shape.head_dim
+
     def hook(grad: torch.Tensor) -> None:
-        index = batch[0]
-        product = weight.detach() * grad  # this batch's W*g, before accumulation
-        for bucket, values in (
-            (stats.batch_vector_atoms, product),
-            (stats.batch_element_atoms, product.abs()),
-        ):
-            atom, sums = atom_sums(name, values, head_dim)
-            slot = bucket[index]
-            slot[atom] = slot[atom] + sums if atom in slot else sums
         if want_fisher:
             square = grad.square()
             if name in stats.fisher:
                 stats.fisher[name] += square
             else:
-                stats.fisher[name] = square.clone()
+                stats.fisher[name] = square
+        if jackknife:
+            # the mean gradient of every window but this one
+            loo = (mean_grad * num_samples - grad) / (num_samples - 1)
+            for metric, index_fn in jackknife.items():
+                add_atoms(
+                    stats.loo_atoms[metric][-1],
+                    name,
+                    index_fn(name, weight.detach(), loo),
+                    head_dim,
+                )
 
     return hook
 
@@ -169,11 +273,14 @@ def collect_statistics(
     batch_size: int,
     want_fisher: bool = True,
     progress: bool = True,
+    jackknife: Mapping[str, IndexFn] | None = None,
 ) -> CalibrationStats:
-    """Run the calibration ``windows`` (N, T) through ``model`` (float32) once.
+    """Run the calibration ``windows`` (N, T) through ``model`` (float32).
 
-    Gradients are of the mean next-token loss of each batch; ``.grad`` ends up
-    holding their sum over batches, which is divided by the number of batches.
+    The gradient is that of the mean next-token loss over all windows. With
+    ``want_fisher`` or ``jackknife`` (metric name -> per-index salience function
+    of :mod:`saap.importance.taylor`), a second pass, one window at a time,
+    collects the per-window Fisher diagonal and leave-one-out scores.
     """
     shapes = layer_shapes(model)
     layers = decoder_layers(model)
@@ -182,7 +289,6 @@ def collect_statistics(
         param.requires_grad_(False)
         param.grad = None
     layer_stats = [LayerStats(shape=shape) for shape in shapes]
-    batch_index = [0]
     handles = []
     params_per_layer = []
     for layer, stats in zip(layers, layer_stats, strict=True):
@@ -192,14 +298,7 @@ def collect_statistics(
             param.requires_grad_(True)
             handles.append(
                 param.register_hook(
-                    _grad_hook(
-                        stats,
-                        batch_index,
-                        name,
-                        param,
-                        stats.shape.head_dim,
-                        want_fisher,
-                    )
+                    _batch_hook(stats, name, param, stats.shape.head_dim)
                 )
             )
         handles.append(
@@ -221,42 +320,125 @@ def collect_statistics(
 
         handles.append(layer.register_forward_hook(influence, with_kwargs=True))
 
+    num_samples = windows.shape[0]
     losses = []
     batches = torch.split(windows, batch_size)
     try:
-        for index, batch in enumerate(
-            tqdm(batches, desc="calibration", disable=not progress)
-        ):
-            batch_index[0] = index
+        for batch in tqdm(batches, desc="calibration", disable=not progress):
             for stats in layer_stats:
-                stats.batch_vector_atoms.append({})
                 stats.batch_element_atoms.append({})
             loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            # weighted by the batch's share of windows: .grad ends up holding the
+            # mean over windows of each window's mean-loss gradient
+            (loss * (batch.shape[0] / num_samples)).backward()
             losses.append(float(loss.detach()))
     finally:
         for handle in handles:
             handle.remove()
-    num_batches = len(batches)
     grads, weights = [], []
-    for params, stats in zip(params_per_layer, layer_stats, strict=True):
-        grads.append({n: p.grad.div_(num_batches) for n, p in params.items()})
+    for params in params_per_layer:
+        grads.append({n: p.grad for n, p in params.items()})
         weights.append({n: p.detach() for n, p in params.items()})
-        for fisher in stats.fisher.values():
-            fisher.div_(num_batches)
+        for p in params.values():
+            p.grad = None
+    jackknife = dict(jackknife or {})
+    second_pass = want_fisher or jackknife
+    if jackknife and num_samples < 2:
+        raise ValueError(
+            "the jackknife needs at least 2 calibration windows, got "
+            f"{num_samples}; raise calibration.num_samples"
+        )
+    if second_pass:
+        _per_window_pass(
+            model,
+            windows,
+            layers,
+            layer_stats,
+            params_per_layer,
+            grads,
+            jackknife,
+            want_fisher,
+            progress,
+        )
     for param in model.parameters():
         param.requires_grad_(False)
         param.grad = None
     log.info(
-        "calibration: %d batches, mean loss %.3f",
-        num_batches,
-        sum(losses) / num_batches,
+        "calibration: %d batches, mean loss %.3f%s",
+        len(batches),
+        sum(losses) / len(batches),
+        f"; per-window pass over {num_samples} windows" if second_pass else "",
     )
     return CalibrationStats(
         layers=layer_stats,
         grads=grads,
         weights=weights,
-        num_batches=num_batches,
+        num_batches=len(batches),
         num_tokens=int(windows.numel()),
         losses=losses,
+        num_samples=num_samples if second_pass else 0,
     )
+
+
+def _per_window_pass(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: list[nn.Module],
+    layer_stats: list[LayerStats],
+    params_per_layer: list[dict[str, nn.Parameter]],
+    grads: list[dict[str, torch.Tensor]],
+    jackknife: dict[str, IndexFn],
+    want_fisher: bool,
+    progress: bool,
+) -> None:
+    num_samples = windows.shape[0]
+    handles = []
+    for layer, stats, params, mean_grads in zip(
+        layers, layer_stats, params_per_layer, grads, strict=True
+    ):
+        stats.loo_atoms = {metric: [] for metric in jackknife}
+        for name, param in params.items():
+            handles.append(
+                param.register_hook(
+                    _sample_hook(
+                        stats,
+                        name,
+                        param,
+                        mean_grads[name],
+                        num_samples,
+                        jackknife,
+                        want_fisher,
+                    )
+                )
+            )
+        if jackknife:
+            handles.append(
+                layer.self_attn.o_proj.register_forward_pre_hook(
+                    lambda _m, args, s=stats: s.add_sample_input("o", args[0])
+                )
+            )
+            handles.append(
+                layer.mlp.down_proj.register_forward_pre_hook(
+                    lambda _m, args, s=stats: s.add_sample_input("down", args[0])
+                )
+            )
+    try:
+        for window in tqdm(
+            windows.split(1), desc="per-window pass", disable=not progress
+        ):
+            for stats in layer_stats:
+                stats.sample_inputs.append({})
+                for per_sample in stats.loo_atoms.values():
+                    per_sample.append({})
+            model(input_ids=window, labels=window).loss.backward()
+            for params in params_per_layer:
+                for p in params.values():
+                    p.grad = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    for stats in layer_stats:
+        for fisher in stats.fisher.values():
+            fisher.div_(num_samples)
+        if not jackknife:
+            stats.sample_inputs = []

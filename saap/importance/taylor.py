@@ -33,6 +33,23 @@ PROJ_ATOMS = {
 }
 
 
+def index_values(name: str, values: torch.Tensor) -> torch.Tensor:
+    """One projection's per-element ``values`` summed over the axis that is not
+    its atom's: one value per row (per column for o_proj and down_proj)."""
+    _, axis = PROJ_ATOMS[name]
+    return values if values.dim() == 1 else values.sum(1 - axis)
+
+
+def atoms_of_index(name: str, per_index: torch.Tensor, head_dim: int):
+    """Per-row (or per-column) values summed over each atom: a head spans
+    ``head_dim`` consecutive rows; an MLP channel is one row (or column).
+    Leading batch dimensions are kept."""
+    atom, _ = PROJ_ATOMS[name]
+    if atom == "mlp":
+        return atom, per_index
+    return atom, per_index.reshape(*per_index.shape[:-1], -1, head_dim).sum(-1)
+
+
 def atom_sums(
     name: str, values: torch.Tensor, head_dim: int
 ) -> tuple[str, torch.Tensor]:
@@ -41,11 +58,15 @@ def atom_sums(
     Atoms are query heads, key/value heads and MLP channels; a head spans
     ``head_dim`` consecutive rows (columns for o_proj).
     """
-    atom, axis = PROJ_ATOMS[name]
-    per_index = values if values.dim() == 1 else values.sum(1 - axis)  # (rows or cols,)
-    if atom == "mlp":
-        return atom, per_index
-    return atom, per_index.reshape(-1, head_dim).sum(1)  # (heads,)
+    return atoms_of_index(name, index_values(name, values), head_dim)
+
+
+def add_atoms(
+    total: dict[str, torch.Tensor], name: str, per_index: torch.Tensor, head_dim: int
+) -> None:
+    """Add one projection's per-index values into the atom sums ``total``."""
+    atom, sums = atoms_of_index(name, per_index, head_dim)
+    total[atom] = total[atom] + sums if atom in total else sums
 
 
 def groups_from_atoms(
@@ -53,10 +74,14 @@ def groups_from_atoms(
     num_kv_heads: int,
     finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> dict[str, torch.Tensor]:
-    """Group scores from atom sums: ``q_head`` (H,), ``kv_group`` (KV,), ``mlp``."""
+    """Group scores from atom sums: ``q_head`` (H,), ``kv_group`` (KV,), ``mlp``
+    (I,); leading batch dimensions are kept."""
     q_head = atoms["q_head"]
-    group = q_head.numel() // num_kv_heads
-    kv_group = q_head.reshape(num_kv_heads, group).sum(1) + atoms["kv_head"]
+    group = q_head.shape[-1] // num_kv_heads
+    kv_group = (
+        q_head.reshape(*q_head.shape[:-1], num_kv_heads, group).sum(-1)
+        + atoms["kv_head"]
+    )
     return {
         "q_head": finish(q_head),
         "kv_group": finish(kv_group),
@@ -82,18 +107,37 @@ def reduce_groups(
     return groups_from_atoms(atoms, num_kv_heads, finish)
 
 
-def taylor_vector_salience(
-    weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Signed first-order terms ``W * dL/dW``; group score |sum| (vector-wise)."""
-    return {name: weights[name] * grads[name] for name in weights}
+def element1_index(name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """Element-wise first order per row (column): ``sum |W * g|``."""
+    return index_values(name, (weight * grad).abs())
 
 
-def taylor_element1_salience(
-    weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
+def vector_row_index(name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """Vector-wise first order as LLM-Pruner's code computes it (TaylorImportance,
+    ``vectorize``): ``|sum W * g|`` over each row (column) of each projection."""
+    return index_values(name, weight * grad).abs()
+
+
+def vector_group_index(name: str, weight: torch.Tensor, grad: torch.Tensor):
+    """Signed ``sum W * g`` per row (column); the absolute value is taken once per
+    whole group (``taylor_vector_group``)."""
+    return index_values(name, weight * grad)
+
+
+IndexFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def gradient_atoms(
+    index_fn: IndexFn,
+    weights: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    head_dim: int,
 ) -> dict[str, torch.Tensor]:
-    """Element-wise first-order ``|W * dL/dW|``."""
-    return {name: (weights[name] * grads[name]).abs() for name in weights}
+    """Atom sums of ``index_fn(name, W, g)`` over a layer's projections."""
+    atoms: dict[str, torch.Tensor] = {}
+    for name, weight in weights.items():
+        add_atoms(atoms, name, index_fn(name, weight, grads[name]), head_dim)
+    return atoms
 
 
 def taylor_element2_salience(

@@ -9,7 +9,7 @@ def prune_real(assets: Path, importance: str, allocation: str, ratio: float = 0.
     """(dense model, tokenizer, pruned model): SmolLM2-135M pruned by ``ratio`` of
     its parameters with one estimator, scored on 8 calibration windows."""
     from saap.calibration import make_calibration
-    from saap.importance import collect_statistics
+    from saap.importance.estimators import collect_for
     from saap.model import count_params, layer_shapes, load_model
     from saap.params import CalibrationParams, PruneParams
     from saap.plan import plan_from_scores
@@ -22,7 +22,7 @@ def prune_real(assets: Path, importance: str, allocation: str, ratio: float = 0.
         assets / "data/text",
         CalibrationParams(num_samples=8, holdout_samples=0),
     )
-    stats = collect_statistics(model, tensors["input_ids"], batch_size=4)
+    stats = collect_for(model, tensors["input_ids"], 4, [importance])
     scores = scores_from_stats(stats, [importance], 0, {"num_layers": 30})
     plan = plan_from_scores(
         scores,

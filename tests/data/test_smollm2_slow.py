@@ -9,8 +9,7 @@ import pytest
 from saap.calibration import make_calibration
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows, evaluate_model
-from saap.importance import collect_statistics
-from saap.importance.estimators import base_names
+from saap.importance.estimators import base_names, collect_for
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import CalibrationParams, EvaluateParams, PruneParams
 from saap.plan import plan_from_scores
@@ -32,9 +31,7 @@ def test_prune_20_percent_with_each_estimator(smollm2, real_assets, record_prope
     tensors, _ = make_calibration(
         tokenizer, text, CalibrationParams(num_samples=16, holdout_samples=0)
     )
-    stats = collect_statistics(
-        model, tensors["input_ids"], batch_size=4, progress=False
-    )
+    stats = collect_for(model, tensors["input_ids"], 4, base_names(), progress=False)
     scores = scores_from_stats(stats, base_names(), 0, {"num_layers": 30})
     ptb = corpus_windows(tokenizer, text, "ptb", 128, 40)
     total = count_params(model)

@@ -7,7 +7,7 @@ import pytest
 
 from saap.comparison import results_table, summarise
 from saap.errors import ParamsError
-from saap.importance import collect_statistics
+from saap.importance.estimators import collect_for
 from saap.methods import (
     METHODS,
     build_arm_plan,
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def model_and_scores(tiny_model_dir, windows):
     model, _ = load_model(tiny_model_dir)
-    stats = collect_statistics(model, windows, batch_size=2, progress=False)
     estimators = sorted({m.importance for m in METHODS.values()} - {"saap"})
+    stats = collect_for(model, windows, 2, estimators, progress=False)
     scores = scores_from_stats(stats, estimators, seed=0, meta={"seconds": 1.0})
     return model, scores
 

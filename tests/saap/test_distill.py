@@ -13,7 +13,7 @@ from saap.data import evaluation_documents
 from saap.distill import decontaminate, kd_loss, pack, shared_ngrams, split_windows
 from saap.errors import DataError
 from saap.finetune import merge
-from saap.importance import collect_statistics
+from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import FinetuneParams, PruneParams
 from saap.plan import plan_from_scores
@@ -45,7 +45,7 @@ def kd_params(**overrides) -> FinetuneParams:
 @pytest.fixture
 def student_and_teacher(tiny_model_dir, windows, tmp_path):
     teacher, tokenizer = load_model(tiny_model_dir)
-    stats = collect_statistics(teacher, windows, 2, progress=False)
+    stats = collect_for(teacher, windows, 2, [], progress=False)
     plan = plan_from_scores(
         scores_from_stats(stats, [], 0, {}),
         layer_shapes(teacher),

@@ -7,8 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from saap.errors import PruningError
-from saap.importance import collect_statistics
-from saap.importance.estimators import base_names
+from saap.importance.estimators import SAAP_METRICS, base_names, collect_for
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import PruneParams
 from saap.plan import build_plan, plan_from_scores
@@ -21,7 +20,7 @@ ALL_ESTIMATORS = base_names()
 
 
 def scores_for(model, windows, estimators=ALL_ESTIMATORS):
-    stats = collect_statistics(model, windows, batch_size=2, progress=False)
+    stats = collect_for(model, windows, 2, list(estimators), progress=False)
     return scores_from_stats(
         stats, estimators, seed=0, meta={"num_layers": len(stats.layers)}
     )
@@ -47,8 +46,10 @@ def test_planted_dead_structures_rank_last(tiny_model_dir, windows, estimator):
         # dead query head 3 (head_dim 16): q rows and o columns
         layer.self_attn.q_proj.weight[48:64] = 0
         layer.self_attn.o_proj.weight[:, 48:64] = 0
-    # saap is derived: its inputs are always computed
-    computed = scores_for(model, windows, [] if estimator == "saap" else [estimator])
+    # saap is derived: it fuses the jackknifed scores of its inputs
+    computed = scores_for(
+        model, windows, list(SAAP_METRICS) if estimator == "saap" else [estimator]
+    )
     scores = computed.estimator(estimator)[1]
     mlp, heads = scores["mlp"], scores["q_head"]
     assert mlp[7] < torch.cat([mlp[:7], mlp[8:]]).min()
@@ -344,3 +345,25 @@ def test_short_calibration_text_is_refused():
 
     with pytest.raises(DataError, match="yields 2 non-overlapping windows of 8 tokens"):
         sample_windows([list(range(10)), list(range(9))], 5, 8, seed=0)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "adaptive", "layers"])
+def test_runtime_aware_widths_are_multiples_and_meet_the_budget(
+    tiny_model_dir, windows, allocation
+):
+    model, _ = load_model(tiny_model_dir)
+    scores = scores_for(model, windows, ["taylor_element1"])
+    multiple = 16
+    plan = plan_from_scores(
+        scores,
+        layer_shapes(model),
+        count_params(model),
+        params(allocation=allocation, prune_attention=False, width_multiple=multiple),
+    )
+    widths = [layer.intermediate_size for layer in plan.kept_layers()]
+    assert all(w % multiple == 0 for w in widths), widths
+    assert any(w < 128 for w in widths)
+    # within half a block of channels (3 x hidden 64 parameters each)
+    assert abs(plan.removed_params - plan.target_removed) <= multiple * 192 / 2
+    pruned = prune_model(model, plan)
+    assert count_params(model) - count_params(pruned) == plan.removed_params

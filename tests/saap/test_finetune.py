@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from saap.errors import DataError, PruningError
 from saap.finetune import merge, split_records, tokenize_records
-from saap.importance import collect_statistics
+from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import FinetuneParams, PruneParams
 from saap.plan import plan_from_scores
@@ -79,7 +79,7 @@ def tiny_params(**overrides) -> FinetuneParams:
 @pytest.fixture
 def pruned(tiny_model_dir, windows, tmp_path):
     model, tokenizer = load_model(tiny_model_dir)
-    stats = collect_statistics(model, windows, 2, progress=False)
+    stats = collect_for(model, windows, 2, [], progress=False)
     scores = scores_from_stats(stats, [], 0, {"num_layers": 4})
     plan = plan_from_scores(
         scores,

@@ -12,8 +12,7 @@ import torch
 from saap.allocation import ALLOCATIONS, Allocation, top_up
 from saap.errors import ParamsError
 from saap.finetune import split_records
-from saap.importance import collect_statistics
-from saap.importance.estimators import ESTIMATORS, EstimatorSpec
+from saap.importance.estimators import ESTIMATORS, EstimatorSpec, collect_for
 from saap.methods import METHODS, Method, build_arm_plan, prune_params_for
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import PruneParams, parse_section
@@ -57,7 +56,7 @@ def mlp_only_threshold(ctx):
 @pytest.fixture
 def model_and_stats(tiny_model_dir, windows):
     model, _ = load_model(tiny_model_dir)
-    return model, collect_statistics(model, windows, batch_size=2, progress=False)
+    return model, collect_for(model, windows, 2, [], progress=False)
 
 
 def test_a_new_estimator_is_one_registration(model_and_stats):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saap.fusion import fuse, metric_sigma
-from saap.importance.taylor import reduce_groups
+from saap.fusion import fuse, jackknife_sigma
+from saap.importance.estimators import ESTIMATORS
+from saap.importance.taylor import gradient_atoms, groups_from_atoms, reduce_groups
 
 pytestmark = pytest.mark.unit
 
@@ -56,13 +57,68 @@ def test_vector_score_cancels_signs_element_score_does_not():
     assert element[0] == pytest.approx(2.5)  # 1 + 1 + 0.5
 
 
-def test_sigma_is_scale_free_and_grows_with_noise():
+def leave_one_out(per_window: torch.Tensor) -> torch.Tensor:
+    """Jackknife replicates of a mean over windows: (N, n) -> (N, n)."""
+    count = per_window.shape[0]
+    return (per_window.sum(0, keepdim=True) - per_window) / (count - 1)
+
+
+def test_jackknife_sigma_is_zero_on_identical_windows_grows_with_noise():
     generator = torch.Generator().manual_seed(0)
     base = torch.rand(1, 50, generator=generator) + 0.5
-    quiet = base * (1 + 0.01 * torch.randn(6, 50, generator=generator))
-    noisy = base * (1 + 0.3 * torch.randn(6, 50, generator=generator)).abs()
-    assert metric_sigma(quiet) < metric_sigma(noisy)
-    assert metric_sigma(quiet * 1000) == pytest.approx(metric_sigma(quiet), rel=1e-6)
+    eps = torch.randn(16, 50, generator=generator)
+    sigmas = [
+        jackknife_sigma(leave_one_out(base * (1 + level * eps)))
+        for level in (0.0, 0.01, 0.1, 0.3)
+    ]
+    assert sigmas[0] == pytest.approx(0.0, abs=1e-9)
+    assert sigmas[1] < sigmas[2] < sigmas[3]
+    # the standard error of the mean of N windows: ~ level / sqrt(N) here
+    assert sigmas[2] == pytest.approx(0.1 / 16**0.5, rel=0.3)
+    noisy = leave_one_out(base * (1 + 0.1 * eps))
+    assert jackknife_sigma(noisy * 1000) == pytest.approx(
+        jackknife_sigma(noisy), rel=1e-6
+    )
+
+
+def test_fused_ranking_is_the_certain_metrics_when_the_other_is_noise():
+    generator = torch.Generator().manual_seed(3)
+    windows, groups = 32, 60
+    signal = torch.linspace(1.0, 2.0, groups)[
+        torch.randperm(groups, generator=generator)
+    ]
+    certain = signal * (1 + 0.01 * torch.randn(windows, groups, generator=generator))
+    # a first-order score of pure noise: |mean of zero-mean per-window terms|
+    noise = torch.randn(windows, groups, generator=generator)
+    scores = {"certain": certain.mean(0), "noise": noise.mean(0).abs()}
+    sigmas = {
+        "certain": jackknife_sigma(leave_one_out(certain)),
+        "noise": jackknife_sigma(leave_one_out(noise).abs()),
+    }
+    assert sigmas["certain"] < 0.01 < 0.3 < sigmas["noise"]
+    fused = fuse(scores, sigmas)
+    assert torch.equal(fused.argsort(), scores["certain"].argsort())
+    # and rescaling either metric changes nothing
+    rescaled = fuse(
+        {"certain": scores["certain"] * 1e3, "noise": scores["noise"] * 1e-3}, sigmas
+    )
+    assert torch.equal(rescaled.argsort(), fused.argsort())
+
+
+def test_vector_score_per_row_as_llm_pruner_code_or_per_group():
+    weights = layer_tensors(1.0)
+    grads = layer_tensors(0.0)
+    # MLP channel 0: its gate row sums to +1.5, its up row to -1.5
+    grads["gate"][0] = torch.tensor([1.0, -1.0, 1.5])
+    grads["up"][0] = torch.tensor([-1.5, 0.0, 0.0])
+    per_row = ESTIMATORS["taylor_vector"].index_fn
+    per_group = ESTIMATORS["taylor_vector_group"].index_fn
+    row = groups_from_atoms(gradient_atoms(per_row, weights, grads, 2), 2)
+    group = groups_from_atoms(
+        gradient_atoms(per_group, weights, grads, 2), 2, torch.abs
+    )
+    assert row["mlp"][0] == pytest.approx(3.0)  # |1.5| + |-1.5|
+    assert group["mlp"][0] == pytest.approx(0.0)  # |1.5 - 1.5|
 
 
 def test_fused_ranking_survives_rescaling_a_metric_plain_sum_does_not():
@@ -86,6 +142,6 @@ def test_fusion_weights_follow_uncertainty():
     assert fused.argsort().tolist() == [0, 1, 2]
 
 
-def test_sigma_needs_two_batches():
-    with pytest.raises(ValueError, match="at least 2 calibration batches"):
-        metric_sigma(torch.ones(1, 5))
+def test_jackknife_needs_two_windows():
+    with pytest.raises(ValueError, match="at least 2 calibration windows"):
+        jackknife_sigma(torch.ones(1, 5))

@@ -1,0 +1,228 @@
+"""SAAP's parts, measured over calibration seeds: fused metrics, compensation,
+allocation and runtime-aware widths against the baselines, at 20% and 50%.
+
+Per seed, calibration windows are drawn with that seed and one statistics pass
+(the importance stage's, jackknife included) scores every estimator; every
+variant then prunes the same base model from those scores and is evaluated on the
+same evaluation windows (PTB, Wikipedia evaluation half; 128 tokens, bfloat16
+where native). Reported per variant: mean perplexity over seeds with a 95%
+t-interval, and the paired difference of log perplexity to the reference variant
+(LLM-Pruner element1, uniform) per seed, as a ratio with its 95% t-interval:
+below 1 means better than the reference, "not separated" where the interval
+contains 1. Usage::
+
+    .venv/bin/python benchmarks/saap_variants.py [--seeds 0 1 2] [--ratios 0.2 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from saap.calibration import make_calibration
+from saap.compensation import plan_grams
+from saap.evaluation.perplexity import perplexity
+from saap.evaluation.report import corpus_windows
+from saap.fusion import jackknife_sigma
+from saap.importance.estimators import collect_for
+from saap.methods import build_arm_plan
+from saap.model import compute_dtype, count_params, layer_shapes, load_model
+from saap.params import ImportanceParams, load_section
+from saap.prune import prune_model
+from saap.scores import scores_from_stats
+
+GRADIENT = ["taylor_vector", "taylor_element1"]
+MIXED = ["taylor_element1", "wanda_sp"]
+ALL4 = ["taylor_vector", "taylor_element1", "wanda_sp", "flap"]
+# label -> prune overrides (the project's prune section otherwise)
+VARIANTS: dict[str, dict] = {
+    "LLM-Pruner element1, uniform (reference)": dict(
+        importance="taylor_element1", allocation="uniform"
+    ),
+    "LLM-Pruner vector (per row), uniform": dict(
+        importance="taylor_vector", allocation="uniform"
+    ),
+    "Wanda-sp, uniform": dict(importance="wanda_sp", allocation="uniform"),
+    "FLAP, global, bias comp.": dict(
+        importance="flap", allocation="global", bias_compensation=True
+    ),
+    "SAAP vector+element1, adaptive": dict(saap_metrics=GRADIENT),
+    "SAAP element1+wanda_sp, adaptive": dict(saap_metrics=MIXED),
+    "SAAP 4 metrics, adaptive": dict(saap_metrics=ALL4),
+    "SAAP vector+element1, uniform": dict(saap_metrics=GRADIENT, allocation="uniform"),
+    "SAAP vector+element1, + bias comp.": dict(
+        saap_metrics=GRADIENT, bias_compensation=True
+    ),
+    "SAAP vector+element1, + least squares": dict(
+        saap_metrics=GRADIENT, least_squares=True
+    ),
+    "SAAP element1+wanda_sp, + least squares": dict(
+        saap_metrics=MIXED, least_squares=True
+    ),
+    "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
+}
+REFERENCE = next(iter(VARIANTS))
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 9: 2.26}
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval (nan bounds for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = T95.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--windows", type=int, default=64, help="evaluation windows")
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows")
+    parser.add_argument("--model", type=Path, default=Path("models/base"))
+    parser.add_argument("--text", type=Path, default=Path("data/text"))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_saap_variants"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    calibration = load_section("params.yaml", "calibration")
+    if args.samples:
+        calibration = calibration.model_copy(update={"num_samples": args.samples})
+    base_prune = load_section("params.yaml", "prune")
+    batch_size = load_section("params.yaml", "importance").batch_size
+    estimators = list(ImportanceParams().estimators)
+    model, _ = load_model(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    shapes, total = layer_shapes(model), count_params(model)
+    dtype = compute_dtype()
+    corpora = {
+        c: corpus_windows(tokenizer, args.text, c, 128, args.windows)
+        for c in ("ptb", "wiki")
+    }
+    dense = {
+        c: perplexity(copy.deepcopy(model).to(dtype), w) for c, w in corpora.items()
+    }
+    print("dense", dense, flush=True)
+    results: dict[str, dict[str, list[dict]]] = {}
+    seconds = {}
+    sigmas = {}
+    for seed in args.seeds:
+        calib = calibration.model_copy(update={"seed": seed, "holdout_samples": 0})
+        tensors, _ = make_calibration(tokenizer, args.text, calib)
+        windows = tensors["input_ids"]
+        started = time.perf_counter()
+        stats = collect_for(model, windows, batch_size, estimators, progress=False)
+        scores = scores_from_stats(stats, estimators, seed, {"num_layers": len(shapes)})
+        seconds[seed] = time.perf_counter() - started
+        sigmas[seed] = {
+            kind: {
+                m: jackknife_sigma(
+                    torch.cat([r[kind] for r in scores.replicates[m]], 1)
+                )
+                for m in ALL4
+            }
+            for kind in ("mlp", "q_head")
+        }
+        print(
+            f"seed {seed}: statistics {seconds[seed]:.0f} s", sigmas[seed], flush=True
+        )
+        for ratio in args.ratios:
+            for label, overrides in VARIANTS.items():
+                params = base_prune.model_copy(
+                    update={"ratio": ratio, "ppl_bound": None, "seed": seed} | overrides
+                )
+                plan = build_arm_plan(scores, shapes, total, params)
+                means = scores.input_means if plan.bias_compensation else None
+                grams = plan_grams(model, plan, windows) if plan.least_squares else None
+                pruned = prune_model(model, plan, means, grams).to(dtype)
+                row = {c: perplexity(pruned, w) for c, w in corpora.items()}
+                row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
+                results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)
+                print(f"{ratio} {label} seed {seed}: {row}", flush=True)
+                del pruned
+    write_report(args, results, dense, seconds, sigmas, windows.shape)
+
+
+def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
+    lines = [
+        "# SAAP's parts over calibration seeds",
+        "",
+        "Command: `.venv/bin/python benchmarks/saap_variants.py --seeds "
+        f"{' '.join(map(str, args.seeds))} --ratios "
+        f"{' '.join(map(str, args.ratios))}`; calibration "
+        f"{calib_shape[0]} x {calib_shape[1]} tokens per seed (C4), evaluation "
+        f"{args.windows} windows x 128 tokens; dense PTB {dense['ptb']:.1f}, "
+        f"Wiki {dense['wiki']:.1f}. Statistics pass (jackknife included) per seed: "
+        + ", ".join(f"{s:.0f} s" for s in seconds.values())
+        + ".",
+        "",
+        "Mean over seeds with 95% t-interval; 'vs reference' is the paired ratio of "
+        "perplexities to the reference variant (geometric mean over seeds, 95% "
+        "t-interval of the log ratio): below 1 is better; 'not separated' where the "
+        "interval contains 1.",
+        "",
+    ]
+    for ratio, table in results.items():
+        lines += [
+            f"## {float(ratio):.0%}",
+            "",
+            "| variant | PTB | 95% CI | vs reference (PTB) | Wiki | vs reference "
+            "(Wiki) |",
+            "|---|---:|---|---|---:|---|",
+        ]
+        reference = table[REFERENCE]
+        for label, rows in table.items():
+            cells = [label]
+            for corpus in ("ptb", "wiki"):
+                mean, low, high = interval([r[corpus] for r in rows])
+                logs = [
+                    math.log(r[corpus] / ref[corpus])
+                    for r, ref in zip(rows, reference, strict=True)
+                ]
+                d, dl, dh = interval(logs)
+                verdict = (
+                    "reference"
+                    if label == REFERENCE
+                    else f"{math.exp(d):.3f} [{math.exp(dl):.3f}, {math.exp(dh):.3f}]"
+                    + ("" if dh < 0 or dl > 0 else " not separated")
+                )
+                if corpus == "ptb":
+                    cells += [f"{mean:.1f}", f"[{low:.1f}, {high:.1f}]", verdict]
+                else:
+                    cells += [f"{mean:.1f}", verdict]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Jackknife sigma per metric (mean-normalised scores, per seed)",
+        "",
+        "| seed | kind | " + " | ".join(next(iter(sigmas.values()))["mlp"]) + " |",
+        "|---|---|" + "---:|" * len(next(iter(sigmas.values()))["mlp"]),
+    ]
+    for seed, kinds in sigmas.items():
+        for kind, values in kinds.items():
+            lines.append(
+                f"| {seed} | {kind} | "
+                + " | ".join(f"{v:.3f}" for v in values.values())
+                + " |"
+            )
+    text = "\n".join(lines) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"results": results, "dense": dense, "seconds": seconds, "sigmas": sigmas},
+            indent=1,
+        )
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
