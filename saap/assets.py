@@ -28,6 +28,7 @@ from saap.sources import (
     fetch_package,
     hub_snapshot,
     parse_source,
+    sha256_of,
 )
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,18 @@ SDIST_ROOT = "llamafactory-0.9.5/data/"
 
 
 def extract_member(archive: Path, member: str, cache_dir: Path) -> Path:
-    """Extract one member of a wheel/sdist into the cache once; reuse it after."""
+    """Extract one member of a (verified) wheel/sdist into the cache once; reuse
+    it after. The member's sha256 is recorded beside it when extracted and
+    checked on every reuse: a changed or truncated file is extracted again."""
     target = cache_dir / "extracted" / archive.name / member
-    if target.exists():
-        return target
+    digest_file = target.with_name(target.name + ".sha256")
+    if target.exists() and digest_file.exists():
+        if sha256_of(target) == digest_file.read_text().strip():
+            return target
+        log.warning(
+            "extracted %s does not match its recorded sha256; extracting it again",
+            target,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     if archive.suffix == ".whl":
@@ -69,6 +78,7 @@ def extract_member(archive: Path, member: str, cache_dir: Path) -> Path:
             if handle is None:
                 raise SourceError(f"{member} is not a file in {archive}")
             tmp.write_bytes(handle.read())
+    digest_file.write_text(sha256_of(tmp) + "\n")
     tmp.replace(target)
     return target
 

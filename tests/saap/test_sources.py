@@ -199,3 +199,18 @@ def test_sdist_is_fetched_by_url_and_verified_without_pip(sdist_index, monkeypat
     )
     with pytest.raises(SourceError, match="lists no saaptinysdist-0.2.tar.gz"):
         fetch_package("saaptinysdist", cache)
+
+
+def test_extracted_member_is_reverified_on_reuse(tmp_path):
+    import zipfile
+
+    from saap.assets import extract_member
+
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pkg/data.txt", "the real content\n")
+    first = extract_member(archive, "pkg/data.txt", tmp_path / "cache")
+    assert first.read_text() == "the real content\n"
+    first.write_text("tampered\n")  # changed after extraction
+    again = extract_member(archive, "pkg/data.txt", tmp_path / "cache")
+    assert again == first and again.read_text() == "the real content\n"
