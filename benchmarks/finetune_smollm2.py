@@ -51,7 +51,7 @@ def main() -> None:
 
     model, _ = load_model(args.model)
     rows = [("pruned, no fine-tuning", ppl(model), None)]
-    for method in ("lora", "group"):
+    for method in ("lora", "group_lora"):
         params = FinetuneParams(method=method, max_steps=args.steps)
         train, val = split_records(records, params.val_size, params.seed)
         model, _ = load_model(args.model)

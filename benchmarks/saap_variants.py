@@ -38,6 +38,7 @@ from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, load_section
 from saap.prune import prune_model
 from saap.scores import scores_from_stats
+from saap.sensitivity import measure_sensitivity
 
 GRADIENT = ["taylor_vector", "taylor_element1"]
 MIXED = ["taylor_element1", "wanda_sp"]
@@ -68,6 +69,10 @@ VARIANTS: dict[str, dict] = {
         saap_metrics=MIXED, least_squares=True
     ),
     "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
+    # measured on the seed's held-back windows (MLP only: not at 50%)
+    "SAAP element1+wanda_sp, sensitivity": dict(
+        saap_metrics=MIXED, allocation="sensitivity"
+    ),
 }
 REFERENCE = next(iter(VARIANTS))
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 9: 2.26}
@@ -88,6 +93,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--windows", type=int, default=64, help="evaluation windows")
     parser.add_argument("--samples", type=int, default=None, help="calibration windows")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only the variants whose label contains one of these (the "
+        "reference always runs)",
+    )
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--text", type=Path, default=Path("data/text"))
     parser.add_argument("--out", type=Path, default=Path("docs/bench_saap_variants"))
@@ -115,9 +127,14 @@ def main() -> None:
     seconds = {}
     sigmas = {}
     for seed in args.seeds:
-        calib = calibration.model_copy(update={"seed": seed, "holdout_samples": 0})
+        calib = calibration.model_copy(update={"seed": seed})
         tensors, _ = make_calibration(tokenizer, args.text, calib)
-        windows = tensors["input_ids"]
+        windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+
+        def measure(group_scores, layers, holdout=holdout):
+            dense = copy.deepcopy(model).to(dtype)
+            return measure_sensitivity(dense, group_scores, layers, holdout)
+
         started = time.perf_counter()
         stats = collect_for(model, windows, batch_size, estimators, progress=False)
         scores = scores_from_stats(stats, estimators, seed, {"num_layers": len(shapes)})
@@ -136,10 +153,15 @@ def main() -> None:
         )
         for ratio in args.ratios:
             for label, overrides in VARIANTS.items():
+                if args.only and label != REFERENCE:
+                    if not any(part in label for part in args.only):
+                        continue
+                if overrides.get("allocation") == "sensitivity" and ratio > 0.3:
+                    continue  # needs attention pruning, which it does not do
                 params = base_prune.model_copy(
                     update={"ratio": ratio, "ppl_bound": None, "seed": seed} | overrides
                 )
-                plan = build_arm_plan(scores, shapes, total, params)
+                plan = build_arm_plan(scores, shapes, total, params, measure)
                 means = scores.input_means if plan.bias_compensation else None
                 grams = plan_grams(model, plan, windows) if plan.least_squares else None
                 pruned = prune_model(model, plan, means, grams).to(dtype)
@@ -157,7 +179,11 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         "",
         "Command: `.venv/bin/python benchmarks/saap_variants.py --seeds "
         f"{' '.join(map(str, args.seeds))} --ratios "
-        f"{' '.join(map(str, args.ratios))}`; calibration "
+        f"{' '.join(map(str, args.ratios))}"
+        + (f" --samples {args.samples}" if args.samples else "")
+        + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
+        + (f" --out {args.out}" if str(args.out) != "docs/bench_saap_variants" else "")
+        + "`; calibration "
         f"{calib_shape[0]} x {calib_shape[1]} tokens per seed (C4), evaluation "
         f"{args.windows} windows x 128 tokens; dense PTB {dense['ptb']:.1f}, "
         f"Wiki {dense['wiki']:.1f}. Statistics pass (jackknife included) per seed: "

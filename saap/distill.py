@@ -171,6 +171,50 @@ def distill_trainer_class():
     return DistillTrainer
 
 
+def block_loss(student_states, teacher_states, pairs) -> torch.Tensor:
+    """Mean over ``pairs`` (student layer position, teacher layer index) of the
+    squared error between the layers' output hidden states, relative to the
+    teacher state's mean square (so every depth weighs alike)."""
+    total = 0.0
+    for position, index in pairs:
+        student = student_states[position + 1].float()
+        target = teacher_states[index + 1].float()
+        total = total + (student - target).square().mean() / target.square().mean()
+    return total / len(pairs)
+
+
+def block_trainer_class():
+    """A ``transformers.Trainer`` whose loss is block-wise distillation: the
+    hidden states at the outputs of the given layers, each computed from the
+    student's own input, against the frozen teacher's."""
+    from transformers import Trainer
+
+    class BlockTrainer(Trainer):
+        def __init__(self, *args, teacher, pairs, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+            self.pairs = list(pairs)
+
+        def compute_loss(
+            self, model, inputs, return_outputs=False, num_items_in_batch=None
+        ):
+            ids = inputs["input_ids"]
+            with torch.no_grad():
+                target = self.teacher(input_ids=ids, output_hidden_states=True)
+            outputs = model(input_ids=ids, output_hidden_states=True)
+            loss = block_loss(outputs.hidden_states, target.hidden_states, self.pairs)
+            return (loss, outputs) if return_outputs else loss
+
+        def prediction_step(
+            self, model, inputs, prediction_loss_only, ignore_keys=None
+        ):
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return BlockTrainer
+
+
 def word_ngrams(text: str, n: int) -> set[int]:
     """Hashes of the lower-cased word ``n``-grams of ``text``."""
     words = text.lower().split()

@@ -81,17 +81,23 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
     )
 
 
-def build_arm_plan(scores, shapes, total: int, params: PruneParams) -> Plan:
+def build_arm_plan(
+    scores, shapes, total: int, params: PruneParams, measure_sensitivity=None
+) -> Plan:
     """The plan; if MLP channels alone cannot remove ``ratio`` (50% of SmolLM2
     with its first and last layers kept), attention heads are pruned as well, the
     same rule for every method, recorded in the plan."""
     try:
-        plan = plan_from_scores(scores, shapes, total, params)
+        plan = plan_from_scores(
+            scores, shapes, total, params, None, measure_sensitivity
+        )
     except PruningError:
         if params.prune_attention:
             raise
         params = params.model_copy(update={"prune_attention": True})
-        plan = plan_from_scores(scores, shapes, total, params)
+        plan = plan_from_scores(
+            scores, shapes, total, params, None, measure_sensitivity
+        )
     plan.prune_attention = params.prune_attention
     plan.bias_compensation = params.bias_compensation
     plan.least_squares = params.least_squares or None

@@ -473,11 +473,12 @@ class FinetuneParams(Section):
 
     method: RecoveryName = Field(
         "group",
-        description="lora (LLM-Pruner baseline), group (SAAP) or kd (distillation "
-        "from the dense model).",
+        description="lora (LLM-Pruner baseline), group (SAAP: block-wise then "
+        "global distillation), kd (distillation from the dense model) or "
+        "group_lora (LoRA ranks by layer group).",
     )
-    lora_r: int = Field(8, gt=0, description="LoRA rank (mean rank for group).")
-    lora_alpha: int = Field(16, gt=0, description="LoRA alpha (2 x rank in group).")
+    lora_r: int = Field(8, gt=0, description="LoRA rank (mean rank for group_lora).")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     num_groups: int = Field(3, gt=0, description="Layer groups for group fine-tuning.")
     cutoff_len: int = Field(

@@ -9,14 +9,17 @@ TrainResult)``, registered with ``RECOVERIES.add``, plus its test:
 
 - ``lora``: LLM-Pruner's recipe, one LoRA rank ``r`` on every projection of
   every layer, on the instruction sample;
-- ``group``: SAAP group fine-tuning. The decoder layers are split into
-  ``num_groups`` groups by the plan's per-layer pruning ratio (most pruned
+- ``group_lora``: LoRA with ranks by layer group. The decoder layers are split
+  into ``num_groups`` groups by the plan's per-layer pruning ratio (most pruned
   first); each group gets a LoRA rank proportional to its mean pruning ratio,
   scaled so the adapters have the same total rank (and so about the same
-  trainable parameters) as plain LoRA. Capacity goes where the pruning did its
-  damage;
+  trainable parameters) as plain LoRA;
 - ``kd``: distillation from the dense model (saap/distill.py) on plain text no
-  evaluation uses, every weight trained (or LoRA adapters with ``kd_lora``).
+  evaluation uses, every weight trained (or LoRA adapters with ``kd_lora``);
+- ``group``: SAAP group fine-tuning as block-wise distillation: groups of layers
+  by the layer ranking, recovered one after another to reproduce the dense
+  model's hidden states, then a global logit distillation
+  (:class:`BlockDistillRecovery`).
 """
 
 from __future__ import annotations
@@ -126,10 +129,11 @@ class LoraRecovery:
         )
 
 
-class GroupRecovery(LoraRecovery):
-    """SAAP group fine-tuning: LoRA ranks by layer group (module docstring)."""
+class GroupLoraRecovery(LoraRecovery):
+    """LoRA ranks by layer group (module docstring): the earlier reading of
+    SAAP's group fine-tuning, kept for comparison."""
 
-    name = "group"
+    name = "group_lora"
     needs_plan = True
 
     def rank_pattern(self, params: FinetuneParams, plan: Plan | None) -> dict:
@@ -158,22 +162,10 @@ class DistillRecovery:
         "nats/token, when kd_alpha is 1)"
     )
 
-    def run(
-        self,
-        model,
-        tokenizer,
-        data: RecoveryData,
-        params: FinetuneParams,
-        resume_dir: Path,
-        plan: Plan | None = None,
-        callbacks: list | None = None,
-        progress: bool = True,
-    ):
+    def windows(self, tokenizer, data: RecoveryData, params: FinetuneParams):
+        """Packed, decontaminated training and validation windows."""
         from saap.distill import (
-            WindowDataset,
-            collate_windows,
             decontaminate,
-            distill_trainer_class,
             distillation_documents,
             evaluation_texts,
             pack,
@@ -199,12 +191,23 @@ class DistillRecovery:
             params.cutoff_len,
             len(val),
         )
-        key = fingerprint(params, [train.flatten().tolist()], model)
-        if params.kd_lora:
-            from peft import get_peft_model
+        return train, val
 
-            model = get_peft_model(model, lora_config(params))
-        teacher = data.load_teacher()
+    def distill(
+        self,
+        model,
+        teacher,
+        train,
+        val,
+        params: FinetuneParams,
+        resume_dir: Path,
+        callbacks: list | None = None,
+        progress: bool = True,
+    ):
+        """Logit distillation of ``model`` from ``teacher`` on the windows."""
+        from saap.distill import WindowDataset, collate_windows, distill_trainer_class
+
+        key = fingerprint(params, [train.flatten().tolist()], model)
         return run_trainer(
             model,
             params,
@@ -228,10 +231,178 @@ class DistillRecovery:
             },
         )
 
+    def run(
+        self,
+        model,
+        tokenizer,
+        data: RecoveryData,
+        params: FinetuneParams,
+        resume_dir: Path,
+        plan: Plan | None = None,
+        callbacks: list | None = None,
+        progress: bool = True,
+    ):
+        train, val = self.windows(tokenizer, data, params)
+        if params.kd_lora:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(params))
+        teacher = data.load_teacher()
+        return self.distill(
+            model, teacher, train, val, params, resume_dir, callbacks, progress
+        )
+
+
+def layer_groups(plan: Plan, num_groups: int) -> list[list[int]]:
+    """Positions of the pruned model's layers split into ``num_groups`` groups by
+    the layer ranking (least important first; by pruning ratio, most pruned
+    first, where the allocation kept no ranking)."""
+    kept = plan.kept_layers()
+
+    def damage(position: int) -> tuple[float, float]:
+        layer = kept[position]
+        importance = layer.layer_importance
+        return (-layer.ratio if importance is None else importance, -layer.ratio)
+
+    order = sorted(range(len(kept)), key=damage)
+    groups = [
+        sorted(order[len(order) * g // num_groups : len(order) * (g + 1) // num_groups])
+        for g in range(num_groups)
+    ]
+    return [g for g in groups if g]
+
+
+class BlockDistillRecovery(DistillRecovery):
+    """SAAP group fine-tuning as block-wise distillation: the layers are split
+    into groups by the layer ranking; one group after another (least important,
+    i.e. most pruned, first) trains only its own layers so that each layer's
+    output hidden state, computed from the student's own input, matches the
+    dense model's at the same depth (mean squared error relative to the dense
+    state's mean square); then every weight is trained by logit distillation.
+    ``block_share`` of the step budget goes to the groups, split evenly."""
+
+    name = "group"
+    needs_plan = True
+    block_share = 0.5
+    val_loss = (
+        "last phase (global distillation): KL(dense || student) on held-out "
+        "windows, nats/token, when kd_alpha is 1"
+    )
+
+    def run(
+        self,
+        model,
+        tokenizer,
+        data: RecoveryData,
+        params: FinetuneParams,
+        resume_dir: Path,
+        plan: Plan | None = None,
+        callbacks: list | None = None,
+        progress: bool = True,
+    ):
+        from saap.distill import WindowDataset, block_trainer_class, collate_windows
+        from saap.finetune import TrainResult
+
+        if params.kd_lora:
+            raise PruningError(
+                "group recovery trains whole layers; set finetune.kd_lora to false "
+                "or use finetune.method: kd"
+            )
+        train, val = self.windows(tokenizer, data, params)
+        teacher = data.load_teacher()
+        total = params.max_steps or max(
+            1, len(train) * params.epochs // params.batch_size
+        )
+        groups = layer_groups(plan, params.num_groups)
+        per_group = max(1, round(total * self.block_share / len(groups)))
+        final = max(1, total - per_group * len(groups))
+        teacher_layers = [layer.index for layer in plan.kept_layers()]
+        results = []
+        for number, group in enumerate(groups):
+            model.requires_grad_(False)
+            for position in group:
+                model.model.layers[position].requires_grad_(True)
+            phase = _phase_params(params, per_group)
+            key = fingerprint(
+                phase, [train.flatten().tolist(), [number, *group]], model
+            )
+            log.info(
+                "group %d/%d: layers %s, %d steps of block-wise distillation",
+                number + 1,
+                len(groups),
+                group,
+                per_group,
+            )
+            model, result = run_trainer(
+                model,
+                phase,
+                resume_dir,
+                key,
+                WindowDataset(train),
+                WindowDataset(val),
+                collate_windows,
+                callbacks,
+                progress,
+                trainer_class=block_trainer_class(),
+                trainer_kwargs={
+                    "teacher": teacher,
+                    "pairs": [(p, teacher_layers[p]) for p in group],
+                },
+                args_overrides={
+                    "include_num_input_tokens_seen": "all",
+                    "optim": "adamw_torch_fused",
+                },
+            )
+            results.append(result)
+        model.requires_grad_(True)
+        log.info("global distillation: %d steps", final)
+        model, result = self.distill(
+            model,
+            teacher,
+            train,
+            val,
+            _phase_params(params, final),
+            resume_dir,
+            callbacks,
+            progress,
+        )
+        results.append(result)
+        offset = sum(r.steps for r in results[:-1])
+        seconds = sum(r.seconds for r in results)
+        tokens = sum(r.tokens for r in results)
+        return model, TrainResult(
+            steps=offset + result.steps,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_s=tokens / max(seconds, 1e-9),
+            train_losses=[loss for r in results for loss in r.train_losses],
+            val_losses={offset + s: v for s, v in result.val_losses.items()},
+            best_step=offset + result.best_step,
+            truncated=0,
+            resumed_from=results[0].resumed_from,
+            trainable_params=sum(p.numel() for p in model.parameters()),
+            history=[entry for r in results for entry in r.history],
+        )
+
+
+def _phase_params(params: FinetuneParams, steps: int) -> FinetuneParams:
+    """``params`` for one phase of ``steps`` optimizer steps (validated and saved
+    at least at its end)."""
+    every = min(params.eval_steps, steps)
+    return params.model_copy(
+        update={
+            "max_steps": steps,
+            "warmup_steps": min(params.warmup_steps, steps // 2),
+            "eval_steps": every,
+            "save_steps": every,
+        }
+    )
+
 
 RECOVERIES.add(LoraRecovery.name, LoraRecovery())
-RECOVERIES.add(GroupRecovery.name, GroupRecovery())
+RECOVERIES.add(GroupLoraRecovery.name, GroupLoraRecovery())
 RECOVERIES.add(DistillRecovery.name, DistillRecovery())
+RECOVERIES.add(BlockDistillRecovery.name, BlockDistillRecovery())
 
 
 def recover(

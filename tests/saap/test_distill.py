@@ -10,15 +10,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from saap.data import evaluation_documents
-from saap.distill import decontaminate, kd_loss, pack, shared_ngrams, split_windows
-from saap.errors import DataError
+from saap.distill import (
+    block_loss,
+    decontaminate,
+    kd_loss,
+    pack,
+    shared_ngrams,
+    split_windows,
+)
+from saap.errors import DataError, PruningError
 from saap.finetune import merge
 from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model, save_checkpoint
 from saap.params import FinetuneParams, PruneParams
 from saap.plan import plan_from_scores
 from saap.prune import prune_model
-from saap.recovery import RecoveryData, recover
+from saap.recovery import RecoveryData, layer_groups, recover
 from saap.scores import scores_from_stats
 from tests.saap.test_finetune import RECORDS, StopAfter
 
@@ -183,5 +190,64 @@ def test_distillation_needs_its_teacher_and_text(student_and_teacher, tmp_path):
             RecoveryData(RECORDS[:10], RECORDS[10:]),
             kd_params(),
             tmp_path,
+            progress=False,
+        )
+
+
+def test_block_loss_is_relative_and_zero_on_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    assert float(block_loss(states, states, [(0, 0), (2, 2)])) == 0.0
+    scaled = [s * 10 for s in states]
+    noisy = [s + 0.1 * torch.randn(s.shape, generator=g) for s in states]
+    noisy_scaled = [s * 10 for s in noisy]
+    # relative to the teacher's scale: the same error at 10x scale reads the same
+    assert float(block_loss(noisy, states, [(1, 1)])) == pytest.approx(
+        float(block_loss(noisy_scaled, scaled, [(1, 1)])), rel=1e-4
+    )
+
+
+def test_group_recovery_is_block_wise_then_global_distillation(
+    tiny_model_dir, windows, text_dir, tmp_path
+):
+    teacher, tokenizer = load_model(tiny_model_dir)
+    stats = collect_for(teacher, windows, 2, [], progress=False)
+    plan = plan_from_scores(
+        scores_from_stats(stats, [], 0, {}),
+        layer_shapes(teacher),
+        count_params(teacher),
+        PruneParams(ratio=0.25, skip_first=1, skip_last=1, allocation="adaptive"),
+    )
+    groups = layer_groups(plan, 2)
+    assert sorted(sum(groups, [])) == [0, 1, 2, 3]
+    # the least important pruned layer leads the first group
+    ranked = [e for e in plan.kept_layers() if e.layer_importance is not None]
+    weakest = min(ranked, key=lambda e: e.layer_importance).index
+    assert weakest in groups[0]
+    student = prune_model(teacher, plan)
+    held = pack(tokenizer, evaluation_documents(text_dir, "wiki"), 32)[:8]
+    before = validation_kl(student, teacher, held)
+    data = RecoveryData(RECORDS[:10], RECORDS[10:], text_dir=text_dir, teacher=teacher)
+    trained, result = recover(
+        student,
+        tokenizer,
+        data,
+        kd_params(method="group", num_groups=2, max_steps=8),
+        tmp_path / "resume",
+        plan,
+        progress=False,
+    )
+    # 2 groups x 2 steps of block-wise distillation, then 4 global steps
+    assert result.steps == 8 and result.tokens == 8 * 4 * 32
+    assert all(p.requires_grad for p in trained.parameters())
+    assert validation_kl(trained, teacher, held) < before
+    with pytest.raises(PruningError, match="kd_lora"):
+        recover(
+            prune_model(teacher, plan),
+            tokenizer,
+            data,
+            kd_params(method="group", kd_lora=True),
+            tmp_path / "again",
+            plan,
             progress=False,
         )

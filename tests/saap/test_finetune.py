@@ -106,7 +106,7 @@ def test_prompt_template_and_truncation(tokenizer):
     assert full[0].labels[0] == -100 and full[0].labels[-1] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("method", ["lora", "group"])
+@pytest.mark.parametrize("method", ["lora", "group_lora"])
 def test_training_reduces_loss_and_merge_matches(pruned, method, tmp_path):
     folder, plan = pruned
     model, tokenizer = load_model(folder / "pruned")
