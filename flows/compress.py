@@ -49,7 +49,12 @@ def pipeline_stages(project: Path) -> list[str]:
         ]
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+@task(
+    task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_transient,
+)
 def repro_stage(project: str, stage: str) -> bool:
     """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
     logger = get_run_logger()
@@ -164,6 +169,53 @@ def evaluation_profile(params_file: Path, profile: str | None) -> Iterator[None]
         params_file.write_bytes(original)
 
 
+def gate_table(summary: dict) -> str:
+    """The gate verdicts of a run as a Markdown table (a Prefect artifact)."""
+    gates = summary.get("gates")
+    head = (
+        f"**{summary['registered_model']} v{summary['version']}**: champion "
+        f"{'moved to this version' if summary.get('promoted') else 'unchanged'}\n\n"
+    )
+    if not isinstance(gates, dict):
+        return head + f"{gates}\n"
+    rows = [
+        "| gate | verdict | value | interval | threshold | mode | detail |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    for name, g in gates.items():
+        sign = ">=" if g["direction"] == "at_least" else "<="
+        rows.append(
+            f"| {name} | {'pass' if g['passed'] else 'FAIL'} | {number(g['value'])} "
+            f"| [{number(g['lower'])}, {number(g['upper'])}] | {sign} "
+            f"{g['threshold']:.4g} | {g['mode']} | {g['detail']} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def publish(summary: dict, uri: str) -> None:
+    """Prefect artifacts of a run: the gate table, and a link to the registered
+    version where the MLflow store has a web address."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=gate_table(summary),
+        key="gates",
+        description="Gate verdicts of the registered version",
+    )
+    if uri.startswith(("http://", "https://")):
+        create_link_artifact(
+            link=f"{uri.rstrip('/')}/#/models/{summary['registered_model']}"
+            f"/versions/{summary['version']}",
+            link_text=f"{summary['registered_model']} v{summary['version']}",
+            key="mlflow-version",
+            description="The registered version in MLflow",
+        )
+
+
 @flow(name="compress", log_prints=True)
 def compress(
     project: str = ".", lock_timeout_s: float = 3600.0, profile: str | None = None
@@ -212,17 +264,37 @@ def compress(
         "mlflow_run_id": run.info.run_id,
         "stages_ran": [s for s, r in ran.items() if r],
     }
+    try:
+        publish(summary, tracking.tracking_uri(root))
+    except Exception as exc:  # noqa: BLE001 - artifacts are a view, not the result
+        logger.warning("could not publish the Prefect artifacts: %s", exc)
     if summary.get("unchanged"):
         logger.info(
             "nothing new to register: %s v%s is the same model and evidence",
             summary["registered_model"],
             summary["version"],
         )
-    else:
-        logger.info(
-            "registered %s v%s; champion %s",
-            summary["registered_model"],
-            summary["version"],
-            "moved" if summary["promoted"] else "unchanged",
+        return summary
+    logger.info(
+        "registered %s v%s; champion %s",
+        summary["registered_model"],
+        summary["version"],
+        "moved" if summary["promoted"] else "unchanged",
+    )
+    if not summary["promoted"]:
+        from prefect.states import Completed
+
+        failed = [
+            name
+            for name, g in (summary.get("gates") or {}).items()
+            if isinstance(g, dict) and not g["passed"]
+        ]
+        # a named final state the Prefect UI shows; the caller still gets the
+        # summary as the flow's result
+        return Completed(
+            name="NotPromoted",
+            message=f"v{summary['version']} not promoted: gates failed: "
+            f"{', '.join(failed) or 'see the gate table'}",
+            data=summary,
         )
     return summary

@@ -178,7 +178,10 @@ def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(projec
         prune={"ratio": 0.25, "max_layer_ratio": 0.9},
         gates={"min_decode_speedup": 1000.0},
     )
-    summary = run_flow(project)
+    state = run_flow(project, return_state=True)
+    # a named final state in the Prefect UI; the summary is still the result
+    assert state.name == "NotPromoted" and "decode_speedup" in state.message
+    summary = state.result()
     ran = set(summary["stages_ran"])
     assert {
         "ranking",
@@ -197,6 +200,17 @@ def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(projec
         "candidate": 2,
         "champion": 1,
     }
+    # the gate table as a Prefect artifact; each stage's task named after it
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(flow_run_filter=flow_run)
+        names = {t.name for t in prefect.read_task_runs(flow_run_filter=flow_run)}
+    table = next(a for a in artifacts if a.key == "gates")
+    assert "| decode_speedup | FAIL |" in table.data
+    assert {"ranking", "prune", "finetune"} <= names
 
 
 def test_promote_reapplies_gates(project):
