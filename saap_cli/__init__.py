@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -299,6 +300,97 @@ def promote(
     )
     if not promoted:
         raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+) -> None:
+    """Stale stages, the candidate and the champion with their gate verdicts, the
+    last tracked run and the next scheduled nightly run."""
+    import contextlib
+
+    from dvc.repo import Repo
+
+    from flows import tracking
+
+    project = project.resolve()
+    with contextlib.chdir(project), Repo(str(project)) as repo:
+        stale = sorted(
+            name
+            for name in repo.status()
+            if ":" not in name  # main dvc.yaml only
+        )
+    typer.echo(f"stale stages: {', '.join(stale) if stale else 'none'}")
+    try:
+        client = tracking.client_for(project)
+        name = tracking.registered_name(project, _gates_params(project))
+    except SaapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for alias in ("candidate", "champion"):
+        try:
+            version = tracking.get_version(client, name, alias)
+        except SaapError:
+            typer.echo(f"{alias}: none")
+            continue
+        tags = dict(version.tags)
+        failed = sorted(
+            k.removeprefix("gate.").removesuffix(".verdict")
+            for k, v in tags.items()
+            if k.startswith("gate.") and k.endswith(".verdict") and v != "pass"
+        )
+        typer.echo(
+            f"{alias}: {name} v{version.version} ({tags.get('method', '?')}, ratio "
+            f"{tags.get('ratio', '?')}): gates {tags.get('gates', 'not applied')}"
+            + (f" (failed: {', '.join(failed)})" if failed else "")
+        )
+    runs = client.search_runs(
+        [tracking.experiment_id(client, project)],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs:
+        last = runs[0].info
+        started = time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.start_time / 1000)
+        )
+        typer.echo(f"last run: {last.run_name} {last.status}, started {started}")
+    else:
+        typer.echo("last run: none")
+    typer.echo(f"next nightly run: {_next_nightly()}")
+
+
+def _next_nightly() -> str:
+    """When the nightly deployment next runs, from its cron schedule."""
+    from datetime import UTC, datetime
+
+    from flows.deploy import read_deployment
+
+    try:
+        deployment = read_deployment()
+    except Exception as exc:  # noqa: BLE001 - Prefect's not-found or connection errors
+        return (
+            f"no nightly deployment on the Prefect API ({type(exc).__name__}); "
+            "create it with `saap deploy`"
+        )
+    crons = [
+        s.schedule for s in deployment.schedules if getattr(s.schedule, "cron", None)
+    ]
+    if not crons:
+        return "the nightly deployment has no cron schedule"
+    try:
+        from zoneinfo import ZoneInfo
+
+        from cronsim import CronSim
+    except ImportError:
+        return ", ".join(f"cron {c.cron}" for c in crons)
+    upcoming = []
+    for cron in crons:
+        zone = ZoneInfo(cron.timezone or "UTC")
+        upcoming.append(next(iter(CronSim(cron.cron, datetime.now(zone)))))
+    first = min(upcoming, key=lambda d: d.astimezone(UTC))
+    return f"{first.isoformat()} (cron {crons[0].cron})"
 
 
 def main() -> None:  # pragma: no cover - console entry point

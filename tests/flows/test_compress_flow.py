@@ -396,3 +396,28 @@ def test_a_version_left_ungated_is_gated_by_the_next_run(project):
         "pass",
         "fail",
     )
+
+
+def test_status_names_stale_stages_versions_last_and_next_run(project):
+    from typer.testing import CliRunner
+
+    from saap_cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "--project", str(project)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "stale stages: none"
+    assert any(line.startswith("candidate: saap-") for line in lines)
+    assert any(line.startswith("champion: saap-") for line in lines)
+    assert any(line.startswith("last run: compress-") for line in lines)
+    # the nightly deployment made earlier in this module, at 03:00
+    assert any(
+        line.startswith("next nightly run: 20") and "(cron 0 3 * * *)" in line
+        for line in lines
+    )
+    before = (project / "params.yaml").read_bytes()
+    set_params(project, prune={"ratio": 0.3})
+    stale = runner.invoke(app, ["status", "--project", str(project)])
+    assert "ranking" in stale.output.splitlines()[0]
+    (project / "params.yaml").write_bytes(before)
