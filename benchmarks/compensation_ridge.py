@@ -77,13 +77,16 @@ def main() -> None:
             for n in args.fit_windows
             for r in RIDGES
         ]
+        cached = {}  # Gram matrices per number of fit windows (same plan)
         for label, ridge, bias, fit in variants:
             started = time.perf_counter()
             means = scores.input_means if bias else None
             grams = None
             if ridge is not None:
                 plan.ridge = ridge
-                grams = plan_grams(model, plan, fit_pool[:fit])
+                if fit not in cached:
+                    cached[fit] = plan_grams(model, plan, fit_pool[:fit])
+                grams = cached[fit]
             pruned = prune_model(model, plan, means, grams).to(dtype)
             row = {c: perplexity(pruned, w) for c, w in corpora.items()}
             row |= {"ratio": ratio, "variant": label}

@@ -128,7 +128,7 @@ class PruneParams(Section):
         description="saap (the saap_metrics fused) or any estimator.",
     )
     saap_metrics: list[FusableEstimator] = Field(
-        default_factory=lambda: ["taylor_vector", "taylor_element1"],
+        default_factory=lambda: ["taylor_element1", "wanda_sp"],
         min_length=1,
         description="What SAAP fuses under homoscedastic uncertainty: gradient "
         "(taylor_vector, taylor_vector_group, taylor_element1) and activation "
