@@ -33,6 +33,7 @@ from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
 from saap.importance.estimators import collect_for
+from saap.iterative import iterative_plan
 from saap.methods import build_arm_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, load_section
@@ -69,6 +70,13 @@ VARIANTS: dict[str, dict] = {
         saap_metrics=MIXED, least_squares=True
     ),
     "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
+    # one shot against three steps with re-scoring (attention pruned in both)
+    "SAAP element1+wanda_sp, + least squares, attention": dict(
+        saap_metrics=MIXED, least_squares=True, prune_attention=True
+    ),
+    "SAAP element1+wanda_sp, + least squares, attention, 3 steps": dict(
+        saap_metrics=MIXED, least_squares=True, prune_attention=True, iterations=3
+    ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
@@ -161,7 +169,16 @@ def main() -> None:
                 params = base_prune.model_copy(
                     update={"ratio": ratio, "ppl_bound": None, "seed": seed} | overrides
                 )
-                plan = build_arm_plan(scores, shapes, total, params, measure)
+                if params.iterations > 1:
+                    plan = iterative_plan(
+                        model, windows, params, scores, batch_size, False
+                    )
+                    plan.prune_attention = params.prune_attention
+                    plan.least_squares = params.least_squares or None
+                    plan.ridge = params.ridge
+                    plan.bias_compensation = params.bias_compensation
+                else:
+                    plan = build_arm_plan(scores, shapes, total, params, measure)
                 means = scores.input_means if plan.bias_compensation else None
                 grams = plan_grams(model, plan, windows) if plan.least_squares else None
                 pruned = prune_model(model, plan, means, grams).to(dtype)

@@ -182,6 +182,13 @@ class PruneParams(Section):
         description="Ridge of the least-squares refit, relative to the mean "
         "diagonal of the kept channels' input Gram matrix.",
     )
+    iterations: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Reach the ratio in this many steps, re-scoring the pruned "
+        "model between them (saap/iterative.py); 1 = one shot.",
+    )
     width_multiple: int = Field(
         1,
         ge=1,

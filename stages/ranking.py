@@ -17,6 +17,7 @@ from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
 from saap.errors import DataError
 from saap.evaluation.perplexity import perplexity
+from saap.iterative import iterative_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
@@ -29,7 +30,11 @@ log = logging.getLogger("stages.ranking")
 
 
 def run(
-    params: PruneParams, model_dir: Path, importance_dir: Path, calibration_dir: Path
+    params: PruneParams,
+    model_dir: Path,
+    importance_dir: Path,
+    calibration_dir: Path,
+    batch_size: int = 4,
 ) -> Plan:
     model, _ = load_model(model_dir, dtype=torch.float32)
     scores = load_scores(importance_dir)
@@ -53,9 +58,19 @@ def run(
         dense = copy.deepcopy(model).to(compute_dtype())
         return measure_sensitivity(dense, group_scores, layers, windows)
 
-    plan = plan_from_scores(
-        scores, layer_shapes(model), count_params(model), params, holdout, measure
-    )
+    if params.iterations > 1:
+        # later steps re-score the pruned model on the calibration windows
+        plan = iterative_plan(
+            model,
+            load_calibration(calibration_dir)["input_ids"],
+            params,
+            scores,
+            batch_size,
+        )
+    else:
+        plan = plan_from_scores(
+            scores, layer_shapes(model), count_params(model), params, holdout, measure
+        )
     plan.base_model = str(model_dir)
     plan.bias_compensation = params.bias_compensation
     plan.least_squares = params.least_squares or None
@@ -74,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "prune")
-    plan = run(params, args.model, args.importance, args.calibration)
+    batch_size = load_section(args.params, "importance").batch_size
+    plan = run(params, args.model, args.importance, args.calibration, batch_size)
     with atomic_dir(args.out) as tmp:
         (tmp / "plan.json").write_text(plan.dumps())
         plot_kept_fraction(plan, tmp / "kept_fraction.png")

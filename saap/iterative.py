@@ -1,0 +1,134 @@
+"""Iterative pruning: the target reached in several smaller steps, the model
+re-scored between them (``prune.iterations``).
+
+Step ``k`` of ``n`` removes what brings the total removed to ``k/n`` of the
+target, planned on the model pruned by the steps before it, from calibration
+statistics of that model. The steps compose into one plan on the base model
+(:func:`compose`), so the prune stage replays it as it replays a one-shot plan
+and compensation (bias, least squares) is applied once, from the dense model's
+inputs, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from saap.errors import PruningError
+from saap.importance.estimators import collect_for
+from saap.model import count_params, layer_shapes
+from saap.params import PruneParams
+from saap.plan import LayerPlan, Plan, plan_from_scores
+from saap.prune import prune_model
+from saap.scores import scores_from_stats
+
+log = logging.getLogger(__name__)
+
+
+def compose(first: Plan, second: Plan, base_shapes, base_total: int) -> Plan:
+    """The plan on the base model that equals replaying ``first`` and then
+    ``second`` (made on ``first``'s pruned model). Scores are the first plan's
+    (base-model indices); sigmas are the second's."""
+    if first.removed_layers or second.removed_layers:
+        raise PruningError("iterative pruning cannot compose plans that drop layers")
+    layers = []
+    kept_total = base_total
+    for shape, one, two in zip(base_shapes, first.layers, second.layers, strict=True):
+        heads = [one.kept_heads[h] for h in two.kept_heads]
+        kv = [one.kept_kv_heads[k] for k in two.kept_kv_heads]
+        channels = [one.kept_channels[c] for c in two.kept_channels]
+        kept = replace(
+            shape,
+            num_heads=len(heads),
+            num_kv_heads=len(kv),
+            intermediate_size=len(channels),
+        )
+        removed = shape.num_params() - kept.num_params()
+        kept_total -= removed
+        layers.append(
+            LayerPlan(
+                index=one.index,
+                prunable=one.prunable,
+                attention_unit=one.attention_unit,
+                ratio=removed / shape.num_params(),
+                kept_heads=heads,
+                kept_kv_heads=kv,
+                kept_channels=channels,
+                num_heads=len(heads),
+                num_kv_heads=len(kv),
+                intermediate_size=len(channels),
+                head_scores=one.head_scores,
+                kv_group_scores=one.kv_group_scores,
+                channel_scores=one.channel_scores,
+                layer_importance=two.layer_importance,
+                fluctuation=two.fluctuation,
+            )
+        )
+    removed_params = base_total - kept_total
+    return replace(
+        first,
+        removed_params=removed_params,
+        achieved_ratio=removed_params / base_total,
+        layers=layers,
+        sigmas=second.sigmas,
+    )
+
+
+def iterative_plan(
+    model,
+    windows: torch.Tensor,
+    params: PruneParams,
+    first_scores,
+    batch_size: int,
+    progress: bool = True,
+) -> Plan:
+    """The plan reaching ``params.ratio`` of ``model``'s parameters in
+    ``params.iterations`` steps; ``first_scores`` (the importance stage's) plan the
+    first step, fresh statistics of the pruned model each later one."""
+    steps = params.iterations
+    if params.allocation in ("layers", "sensitivity") or params.ppl_bound is not None:
+        raise PruningError(
+            f"prune.iterations {steps} works with the uniform, global and adaptive "
+            "allocations and no ppl_bound; set prune.iterations to 1"
+        )
+    base_shapes = layer_shapes(model)
+    base_total = count_params(model)
+    target = round(params.ratio * base_total)
+    estimators = (
+        list(params.saap_metrics)
+        if params.importance == "saap"
+        else [params.importance]
+    )
+    current, plan, scores = model, None, first_scores
+    for step in range(1, steps + 1):
+        if scores is None:
+            stats = collect_for(current, windows, batch_size, estimators, progress)
+            scores = scores_from_stats(
+                stats, estimators, params.seed, {"num_layers": len(base_shapes)}
+            )
+        total = count_params(current)
+        removed = base_total - total
+        goal = round(target * step / steps)
+        step_params = params.model_copy(
+            update={"ratio": max(goal - removed, 0) / total, "iterations": 1}
+        )
+        step_plan = plan_from_scores(scores, layer_shapes(current), total, step_params)
+        plan = (
+            step_plan
+            if plan is None
+            else compose(plan, step_plan, base_shapes, base_total)
+        )
+        log.info(
+            "iterative pruning: step %d/%d removes %.4f of the base model in all",
+            step,
+            steps,
+            plan.achieved_ratio,
+        )
+        if step < steps:
+            current = prune_model(model, plan)
+            scores = None
+    plan.ratio_requested = params.ratio
+    plan.target_removed = target
+    return plan
