@@ -70,12 +70,12 @@ VARIANTS: dict[str, dict] = {
         saap_metrics=MIXED, least_squares=True
     ),
     "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
-    # one shot against three steps with re-scoring (attention pruned in both)
+    # one shot against two steps with re-scoring (attention pruned in both)
     "SAAP element1+wanda_sp, + least squares, attention": dict(
         saap_metrics=MIXED, least_squares=True, prune_attention=True
     ),
-    "SAAP element1+wanda_sp, + least squares, attention, 3 steps": dict(
-        saap_metrics=MIXED, least_squares=True, prune_attention=True, iterations=3
+    "SAAP element1+wanda_sp, + least squares, attention, 2 steps": dict(
+        saap_metrics=MIXED, least_squares=True, prune_attention=True, iterations=2
     ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
