@@ -177,7 +177,7 @@ class PruneParams(Section):
         "bias_compensation.",
     )
     ridge: float = Field(
-        0.01,
+        1.0,
         gt=0.0,
         description="Ridge of the least-squares refit, relative to the mean "
         "diagonal of the kept channels' input Gram matrix.",

@@ -115,7 +115,7 @@ def prune_model(
         ) -> nn.Linear:
             if gram is not None and len(kept) < linear.weight.shape[1]:
                 weight, bias = least_squares_refit(
-                    linear.weight, linear.bias, kept, gram, plan.ridge or 0.01
+                    linear.weight, linear.bias, kept, gram, plan.ridge or 1.0
                 )
                 return _new_linear(weight, bias)
             bias = linear.bias.clone() if linear.bias is not None else None
