@@ -132,6 +132,14 @@ def collate_windows(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {"input_ids": torch.stack([b["input_ids"] for b in batch])}
 
 
+def _objective_on_held_out(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    """A Trainer's ``prediction_step`` whose validation loss is the training
+    objective on held-out windows."""
+    with torch.no_grad():
+        loss = self.compute_loss(model, inputs)
+    return loss.detach(), None, None
+
+
 def distill_trainer_class():
     """A ``transformers.Trainer`` whose loss is distillation from a frozen teacher
     (built lazily: transformers is imported only when distilling)."""
@@ -160,13 +168,7 @@ def distill_trainer_class():
             )
             return (loss, outputs) if return_outputs else loss
 
-        def prediction_step(
-            self, model, inputs, prediction_loss_only, ignore_keys=None
-        ):
-            # validation loss = the training objective on held-out windows
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = _objective_on_held_out
 
     return DistillTrainer
 
@@ -205,12 +207,7 @@ def block_trainer_class():
             loss = block_loss(outputs.hidden_states, target.hidden_states, self.pairs)
             return (loss, outputs) if return_outputs else loss
 
-        def prediction_step(
-            self, model, inputs, prediction_loss_only, ignore_keys=None
-        ):
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = _objective_on_held_out
 
     return BlockTrainer
 
