@@ -222,6 +222,19 @@ class CalibrationStats:
         return torch.tensor([s.influence_sum / max(s.tokens, 1) for s in self.layers])
 
 
+def _input_hooks(layer: nn.Module, record: Callable[[str, torch.Tensor], None]):
+    """Forward pre-hooks passing the inputs of o_proj (``"o"``) and down_proj
+    (``"down"``) of ``layer`` to ``record``."""
+    return [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, args: record("o", args[0])
+        ),
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args: record("down", args[0])
+        ),
+    ]
+
+
 def _batch_hook(stats: LayerStats, name: str, weight: torch.Tensor, head_dim: int):
     def hook(grad: torch.Tensor) -> None:
         # this batch's |W*g|, before accumulation
@@ -301,16 +314,7 @@ def collect_statistics(
                     _batch_hook(stats, name, param, stats.shape.head_dim)
                 )
             )
-        handles.append(
-            layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda _m, args, s=stats: s.add_input("o", args[0])
-            )
-        )
-        handles.append(
-            layer.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args, s=stats: s.add_input("down", args[0])
-            )
-        )
+        handles += _input_hooks(layer, stats.add_input)
 
         def influence(_m, args, kwargs, output, s=stats):
             h_in = args[0] if args else kwargs["hidden_states"]
@@ -412,16 +416,7 @@ def _per_window_pass(
                 )
             )
         if jackknife:
-            handles.append(
-                layer.self_attn.o_proj.register_forward_pre_hook(
-                    lambda _m, args, s=stats: s.add_sample_input("o", args[0])
-                )
-            )
-            handles.append(
-                layer.mlp.down_proj.register_forward_pre_hook(
-                    lambda _m, args, s=stats: s.add_sample_input("down", args[0])
-                )
-            )
+            handles += _input_hooks(layer, stats.add_sample_input)
     try:
         for window in tqdm(
             windows.split(1), desc="per-window pass", disable=not progress
