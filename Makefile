@@ -10,14 +10,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # CI runs the slow tests (real SmolLM2-135M downloads) too; locally `make test-all`
 PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
-.PHONY: install llamacpp setup run compare test test-all lint clean
+.PHONY: install llamacpp postgres setup run compare test test-all lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,services]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,10 +40,20 @@ run: setup
 compare: $(STAMP)
 	$(BIN)/saap compare
 
-test: setup
+# PostgreSQL's server binaries for the services tests (tests/services), from
+# Debian's packages when absent and this is root; otherwise those tests say
+# what to install
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q --no-install-recommends postgresql-15 || \
+	    { apt-get update -q && apt-get install -y -q --no-install-recommends postgresql-15; }; \
+	  else echo "tests/services need PostgreSQL's server: apt-get install postgresql-15"; fi; }
+
+test: setup postgres
 	$(BIN)/python -m pytest $(if $(PYTEST_MARKERS),-m "$(PYTEST_MARKERS)") tests
 
-test-all: setup
+test-all: setup postgres
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)

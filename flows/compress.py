@@ -49,17 +49,23 @@ def pipeline_stages(project: Path) -> list[str]:
         ]
 
 
+# a stage that runs longer is killed (the nightly profile's evaluate of one
+# SmolLM2 checkpoint takes about 45 min on 2 cores; a 7B prune on a GPU hours)
+DEFAULT_STAGE_TIMEOUT_S = 6 * 3600.0
+
+
 @task(
     task_run_name="{stage}",
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_transient,
 )
-def repro_stage(project: str, stage: str) -> bool:
-    """``dvc repro --single-item`` one stage; True if it ran, False if up to date."""
+def repro_stage(project: str, stage: str, timeout_s: float | None = None) -> bool:
+    """``dvc repro --single-item`` one stage, killed past ``timeout_s``; True if
+    it ran, False if up to date."""
     logger = get_run_logger()
     started = time.perf_counter()
-    ran = stagerun.repro(Path(project), stage)
+    ran = stagerun.repro(Path(project), stage, timeout_s)
     seconds = time.perf_counter() - started
     logger.info("%s: %s (%.1f s)", stage, "ran" if ran else "up to date", seconds)
     return bool(ran)
@@ -90,6 +96,9 @@ def track_and_promote(
             "ratio": f"{plan.achieved_ratio:.4f}",
             "method": f"{plan.importance}/{plan.allocation}",
         }
+    revision = tracking.git_revision(root)["git.revision"]
+    if revision != "none":
+        tags["mlflow.source.git.commit"] = revision
     hashes = tracking.dvc_lock_hashes(root)
     for key in (
         "calibration:data/calibration",
@@ -178,22 +187,9 @@ def gate_table(summary: dict) -> str:
     )
     if not isinstance(gates, dict):
         return head + f"{gates}\n"
-    rows = [
-        "| gate | verdict | value | interval | threshold | mode | detail |",
-        "|---|---|---:|---|---:|---|---|",
-    ]
+    from flows.tracking import gate_rows
 
-    def number(value) -> str:
-        return "n/a" if value is None else f"{value:.4g}"
-
-    for name, g in gates.items():
-        sign = ">=" if g["direction"] == "at_least" else "<="
-        rows.append(
-            f"| {name} | {'pass' if g['passed'] else 'FAIL'} | {number(g['value'])} "
-            f"| [{number(g['lower'])}, {number(g['upper'])}] | {sign} "
-            f"{g['threshold']:.4g} | {g['mode']} | {g['detail']} |"
-        )
-    return head + "\n".join(rows) + "\n"
+    return head + gate_rows(gates)
 
 
 def publish(summary: dict, uri: str) -> None:
@@ -218,12 +214,18 @@ def publish(summary: dict, uri: str) -> None:
 
 @flow(name="compress", log_prints=True)
 def compress(
-    project: str = ".", lock_timeout_s: float = 3600.0, profile: str | None = None
+    project: str = ".",
+    lock_timeout_s: float = 3600.0,
+    profile: str | None = None,
+    stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S,
+    stage_timeouts: dict[str, float] | None = None,
 ) -> dict:
     """Run the pipeline, track it in MLflow, register and gate the model.
 
     ``profile`` overrides ``evaluate.profile`` for this run (the nightly
-    deployment passes ``nightly``)."""
+    deployment passes ``nightly``). A stage running longer than its entry in
+    ``stage_timeouts`` (by stage name, e.g. ``{"finetune": 7200}``), else
+    ``stage_timeout_s``, is killed and fails the run; its previous outputs stay."""
     from flows import tracking
 
     logger = get_run_logger()
@@ -251,7 +253,8 @@ def compress(
         ran = {}
         try:
             for stage in pipeline_stages(root):
-                ran[stage] = repro_stage(str(root), stage)
+                timeout = (stage_timeouts or {}).get(stage, stage_timeout_s)
+                ran[stage] = repro_stage(str(root), stage, timeout)
             variants = list(dict.fromkeys(["dense", "pruned", gates.variant]))
             summary = track_and_promote(
                 str(root), run.info.run_id, variants, gates, flow_run

@@ -1,16 +1,18 @@
 """What both flows need to run stages: the project lock, the error channel a
 stage writes its one-line error to (``SAAP_STAGE_ERROR_FILE``, see
-stages/common.py), running a DVC stage (in process: :func:`repro`; as a DVC
-experiment in a subprocess: :func:`exp_run`) with that error as the failure's
-message, and which failures are worth a retry."""
+stages/common.py), running a DVC stage (``dvc repro --single-item`` in a
+subprocess with a timeout: :func:`repro`; as a DVC experiment: :func:`exp_run`)
+with that error as the failure's message, and which failures are worth a retry."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,19 @@ class ConcurrentRunError(SaapError):
 
 class StageFailedError(SaapError):
     """A DVC stage exited with an error; the message is the stage's own."""
+
+
+class StageBusyError(StageFailedError):
+    """DVC found the stage's files locked (another DVC process, or the lock of
+    one that died and is not reaped yet): worth a retry."""
+
+
+class StageTimeoutError(StageFailedError):
+    """A stage ran past its timeout and was killed (previous outputs kept)."""
+
+
+# DVC's messages when another process holds its repository or file locks
+BUSY_MARKERS = ("is busy, it is being blocked by", "Unable to acquire lock")
 
 
 @contextlib.contextmanager
@@ -58,7 +73,7 @@ def is_transient(exc: BaseException) -> bool:
     from dvc.exceptions import LockError
 
     text = str(exc).lower()
-    if isinstance(exc, LockError):
+    if isinstance(exc, LockError | StageBusyError):
         return True
     return isinstance(exc, SourceError | ConnectionError | TimeoutError) and any(
         word in text for word in ("timed out", "connection", "temporarily", "network")
@@ -94,26 +109,80 @@ def _failure(error_file: Path, fallback: str) -> str:
     return fallback
 
 
-def repro(project: Path, stage: str) -> bool:
-    """``dvc repro --single-item`` one stage in this process; True if it ran,
-    False if it was up to date. A failure raises :class:`StageFailedError` with
-    the stage's own error."""
-    from dvc.exceptions import ReproductionError
+def stage_changed(project: Path, stage: str) -> bool:
+    """Whether ``dvc status`` finds ``stage`` (alone) changed or never run."""
     from dvc.repo import Repo
 
+    with contextlib.chdir(project), Repo(str(project)) as repo:
+        return bool(repo.status(targets=[stage], with_deps=False))
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process under it (DVC and the stage command)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(process.pid).children(recursive=True)
+        for member in [*family, psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+    process.wait(timeout=60)
+
+
+def _tee(stream, tail) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+        tail.append(line)
+
+
+def repro(project: Path, stage: str, timeout_s: float | None = None) -> bool:
+    """``dvc repro --single-item`` one stage in a subprocess; True if it ran,
+    False if it was up to date. A failure raises :class:`StageFailedError` with
+    the stage's own error; past ``timeout_s`` the stage is killed and
+    :class:`StageTimeoutError` raised. Outputs are ``persist`` (dvc.yaml) and
+    written atomically, so a killed or failed stage leaves the previous ones."""
+    if not stage_changed(project, stage):
+        return False
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with stage_error_file(project, "saap-error") as error_file:
-        os.environ["SAAP_STAGE_ERROR_FILE"] = str(error_file)
+        env = os.environ | {
+            "SAAP_STAGE_ERROR_FILE": str(error_file),
+            # the stage's `python` is this interpreter's
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        # stdout streams through; stderr too, with its last lines kept for the
+        # failure's message (DVC's own errors, e.g. a busy lock, go there)
+        process = subprocess.Popen(
+            command, cwd=project, env=env, stderr=subprocess.PIPE, text=True
+        )
+        tail: collections.deque[str] = collections.deque(maxlen=200)
+        tee = threading.Thread(
+            target=_tee, args=(process.stderr, tail), daemon=True, name="stderr"
+        )
+        tee.start()
         try:
-            # DVC resolves some paths against the working directory
-            with contextlib.chdir(project), Repo(str(project)) as repo:
-                ran = repo.reproduce(stage, single_item=True)
-        except ReproductionError as exc:
-            raise StageFailedError(
-                f"stage {stage} failed: {_failure(error_file, str(exc))}"
-            ) from exc
-        finally:
-            os.environ.pop("SAAP_STAGE_ERROR_FILE", None)
-    return bool(ran)
+            code = process.wait(timeout=timeout_s)
+        except BaseException as exc:  # the timeout, or this run was stopped
+            kill_tree(process)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise StageTimeoutError(
+                    f"stage {stage} ran past its timeout of {timeout_s:.0f} s and "
+                    "was killed; its previous outputs are kept (raise its entry "
+                    "in the flow's stage_timeouts, or stage_timeout_s)"
+                ) from None
+            raise
+        tee.join(timeout=10)
+        text = "".join(tail)
+        if code == 0:
+            return True
+        fallback = next(
+            (line for line in reversed(text.splitlines()) if "ERROR" in line),
+            f"`dvc repro --single-item {stage}` exited with {code}",
+        )
+        message = f"stage {stage} failed: {_failure(error_file, fallback)}"
+    if any(marker in text for marker in BUSY_MARKERS):
+        raise StageBusyError(message)
+    raise StageFailedError(message)
 
 
 def exp_run(project: Path, stage: str, name: str, set_params: dict[str, str]) -> None:

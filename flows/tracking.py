@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from saap.errors import SaapError
@@ -277,20 +278,15 @@ def log_run(
     """Log params, metrics of every variant, plan, plots, samples, revision, hashes."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     flat = flatten("", params, {})
-    for key, value in flat.items():
-        client.log_param(
-            run_id, key, json.dumps(value) if not isinstance(value, str) else value
-        )
-    tags = git_revision(project) | {
-        "flow_run": flow_run or "none",
-        "project": str(project),
-    }
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    revision = git_revision(project)
+    tags = revision | {"flow_run": flow_run or "none", "project": str(project)}
+    if revision["git.revision"] != "none":
+        tags["mlflow.source.git.commit"] = revision["git.revision"]
     hashes = dvc_lock_hashes(project)
     for key, value in hashes.items():
         # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages look like bench@pruned
-        client.set_tag(run_id, "dvc." + re.sub(r"[^\w\-. :/]", ".", key), value)
+        tags["dvc." + re.sub(r"[^\w\-. :/]", ".", key)] = value
+    log_params_and_tags(client, run_id, flat, tags)
     all_metrics = {variant: variant_metrics(project, variant) for variant in variants}
     now = int(time.time() * 1000)
     batch = [
@@ -326,6 +322,98 @@ def log_run(
     return all_metrics
 
 
+def log_params_and_tags(
+    client: MlflowClient, run_id: str, params: dict, tags: dict[str, str]
+) -> None:
+    """Params and tags in batched requests (MLflow takes at most 100 params and
+    1000 entries in all per request), not one request each."""
+    entries = [
+        Param(key, json.dumps(value) if not isinstance(value, str) else value)
+        for key, value in params.items()
+    ]
+    for start in range(0, len(entries), 100):
+        client.log_batch(run_id, params=entries[start : start + 100])
+    tag_entries = [RunTag(key, str(value)) for key, value in tags.items()]
+    for start in range(0, len(tag_entries), 1000):
+        client.log_batch(run_id, tags=tag_entries[start : start + 1000])
+
+
+def gate_rows(gates: dict[str, dict]) -> str:
+    """Gate verdicts (``GateResult.as_dict()`` by name) as a Markdown table."""
+    rows = [
+        "| gate | verdict | value | interval | threshold | mode | detail |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    for name, g in gates.items():
+        sign = ">=" if g["direction"] == "at_least" else "<="
+        rows.append(
+            f"| {name} | {'pass' if g['passed'] else 'FAIL'} | {number(g['value'])} "
+            f"| [{number(g['lower'])}, {number(g['upper'])}] | {sign} "
+            f"{g['threshold']:.4g} | {g['mode']} | {g['detail']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+PROMPT_EXAMPLE = ["The capital of France is"]
+
+
+def save_pyfunc(checkpoint: Path, out: Path, card=None) -> None:
+    """``checkpoint`` as an MLflow pyfunc model in ``out``: the checkpoint folder
+    (with ``card``, a ModelCard, as its README.md) as its ``checkpoint``
+    artifact, greedy text generation as ``predict`` (flows/mlflow_model.py,
+    copied in), a signature (prompt strings in, strings out, ``max_new_tokens``
+    and ``temperature`` params) and an input example."""
+    import mlflow.pyfunc
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", 32),
+                ParamSpec("temperature", "double", 0.0),
+            ]
+        ),
+    )
+    staged = out.parent / f".{out.name}-checkpoint" / "checkpoint"
+    # a hard-linked view of the checkpoint with the card beside its weights
+    # (MLflow copies it into the model as artifacts/checkpoint)
+    shutil.copytree(checkpoint, staged, copy_function=_link_or_copy)
+    if card is not None:
+        (staged / "README.md").unlink(missing_ok=True)
+        card.save(str(staged / "README.md"))
+    mlflow.pyfunc.save_model(
+        path=str(out),
+        python_model=str(PYFUNC_CODE),
+        artifacts={"checkpoint": str(staged)},
+        signature=signature,
+        input_example=PROMPT_EXAMPLE,
+        pip_requirements=[
+            f"mlflow=={mlflow.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+            "safetensors",
+        ],
+    )
+    shutil.rmtree(staged.parent)
+
+
 def register_version(
     client: MlflowClient,
     run_id: str,
@@ -338,7 +426,17 @@ def register_version(
     checkpoint = project / "models" / variant
     if not (checkpoint / "config.json").is_file():
         raise RegistryError(f"{checkpoint} holds no checkpoint; its stage did not run")
-    client.log_artifacts(run_id, str(checkpoint), "model")
+    from flows.model_card import model_card
+
+    candidate = variant_metrics(project, variant)
+    dense = variant_metrics(project, "dense") if variant != "dense" else None
+    card = model_card(
+        project, variant, name, candidate["eval"], candidate["bench"], dense
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = Path(folder) / "model"
+        save_pyfunc(checkpoint, model_dir, card)
+        client.log_artifacts(run_id, str(model_dir), "model")
     tags = dict(tags) | log_gguf(client, run_id, project, variant)
     try:
         client.get_registered_model(name)
@@ -501,6 +599,13 @@ def apply_gates(
     promoted = all(result.passed for result in results)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(
+        name,
+        version,
+        description=f"Gates ({'pass' if promoted else 'fail'}, thresholds from "
+        f"{thresholds_source}):\n\n"
+        + gate_rows({r.name: r.as_dict() for r in results}),
+    )
     # the verdict last: a version with a `gates` tag has every gate recorded
     client.set_model_version_tag(name, version, "gates", "pass" if promoted else "fail")
     if promoted:

@@ -146,12 +146,15 @@ def deploy(
     cron: Annotated[str, typer.Option(help="Cron schedule")] = "0 2 * * *",
     pool: Annotated[str, typer.Option(help="Process work pool")] = "saap-process",
     project: Annotated[Path, typer.Option(help="Project folder")] = Path("."),
+    profile: Annotated[
+        str, typer.Option(help="Evaluation profile of the scheduled runs")
+    ] = "nightly",
 ) -> None:
     """Create the nightly deployment (needs a Prefect server: PREFECT_API_URL)."""
     _quiet_prefect()
     from flows.deploy import deploy_nightly
 
-    deployment_id = deploy_nightly(project, cron=cron, pool=pool)
+    deployment_id = deploy_nightly(project, cron=cron, pool=pool, profile=profile)
     typer.echo(
         f"deployment compress/nightly ({deployment_id}) on pool {pool}, cron "
         f"{cron!r}; start a worker with: prefect worker start --pool {pool}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -46,3 +48,59 @@ def copy_project(
             "instruct_source": f"file:{alpaca}",
         },
     )
+
+
+def tiny_settings(root: Path) -> None:
+    """Settings that run the whole pipeline on the tiny fixture in minutes, with
+    gates every candidate passes."""
+    set_params(
+        root,
+        calibration={"num_samples": 8, "holdout_samples": 2, "seq_len": 32},
+        importance={
+            "batch_size": 2,
+            "estimators": ["taylor_vector", "taylor_element1"],
+        },
+        prune={"ratio": 0.2, "skip_first": 1, "skip_last": 1},
+        evaluate={
+            "profiles": {
+                "quick": {"limit": 4, "ppl_max_windows": 4, "fidelity_windows": 4}
+            },
+            "batch_size": 4,
+            "ppl_seq_len": 32,
+            "resamples": 200,
+            "prompts": ["the model"],
+            "max_new_tokens": 4,
+        },
+        finetune={
+            "max_steps": 2,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "val_size": 2,
+            "eval_steps": 1,
+            "save_steps": 1,
+            "cutoff_len": 64,
+        },
+        bench={
+            "prompt_len": 8,
+            "decode_tokens": 4,
+            "repeats": 4,
+            "warmup": 1,
+            "threads": 1,
+        },
+        # the fixture's byte-level BPE splits text as GPT-2 does
+        export={"pre_tokenizer": "gpt-2", "gguf_types": ["f16", "q8_0"], "threads": 1},
+        gates={
+            "min_accuracy_retention": 0.0,
+            "max_ppl_ratio": 100.0,
+            "max_kl": 100.0,
+            "min_decode_speedup": 0.0,
+            "champion_tolerance": 1.0,
+            "champion_ppl_tolerance": 100.0,
+        },
+    )
+
+
+def init_repo(root: Path) -> None:
+    """A git repository with DVC initialised (the flow runs DVC stages)."""
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)

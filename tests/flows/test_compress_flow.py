@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from flowkit import copy_project, set_params
+import yaml
+from flowkit import copy_project, init_repo, set_params, tiny_settings
 
 pytestmark = pytest.mark.integration
 
@@ -34,53 +35,8 @@ def project(tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
     """A copy of the pipeline (code, dvc.yaml, params.yaml) with tiny settings."""
     root = tmp_path_factory.mktemp("project")
     copy_project(root, tiny_model_dir, text_dir, eval_dir)
-    set_params(
-        root,
-        calibration={"num_samples": 8, "holdout_samples": 2, "seq_len": 32},
-        importance={
-            "batch_size": 2,
-            "estimators": ["taylor_vector", "taylor_element1"],
-        },
-        prune={"ratio": 0.2, "skip_first": 1, "skip_last": 1},
-        evaluate={
-            "profiles": {
-                "quick": {"limit": 4, "ppl_max_windows": 4, "fidelity_windows": 4}
-            },
-            "batch_size": 4,
-            "ppl_seq_len": 32,
-            "resamples": 200,
-            "prompts": ["the model"],
-            "max_new_tokens": 4,
-        },
-        finetune={
-            "max_steps": 2,
-            "batch_size": 2,
-            "micro_batch_size": 2,
-            "val_size": 2,
-            "eval_steps": 1,
-            "save_steps": 1,
-            "cutoff_len": 64,
-        },
-        bench={
-            "prompt_len": 8,
-            "decode_tokens": 4,
-            "repeats": 4,
-            "warmup": 1,
-            "threads": 1,
-        },
-        # the fixture's byte-level BPE splits text as GPT-2 does
-        export={"pre_tokenizer": "gpt-2", "gguf_types": ["f16", "q8_0"], "threads": 1},
-        gates={
-            "min_accuracy_retention": 0.0,
-            "max_ppl_ratio": 100.0,
-            "max_kl": 100.0,
-            "min_decode_speedup": 0.0,
-            "champion_tolerance": 1.0,
-            "champion_ppl_tolerance": 100.0,
-        },
-    )
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    tiny_settings(root)
+    init_repo(root)
     return root
 
 
@@ -170,6 +126,38 @@ def test_injected_failure_leaves_outputs_and_registry(project):
     assert tree_hash(project / "models/finetuned") == finetuned_before
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before
     assert client.get_registered_model(name).aliases["champion"] == 1
+
+
+def test_stage_past_its_timeout_is_killed_and_outputs_kept(project):
+    import psutil
+
+    finetuned_before = tree_hash(project / "models/finetuned")
+    lock_before = (project / "dvc.lock").read_text()
+    client, name = registry(project)
+    versions_before = len(client.search_model_versions(f"name='{name}'"))
+    # the project's plan again (the test before left an impossible ratio)
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())["prune"]
+    set_params(
+        project,
+        prune={"ratio": 0.2, "max_layer_ratio": default["max_layer_ratio"]},
+        finetune={"max_steps": 3},
+    )
+    try:
+        with pytest.raises(
+            Exception, match="stage finetune ran past its timeout of 1 s"
+        ):
+            run_flow(project, stage_timeouts={"finetune": 1.0})
+    finally:
+        set_params(project, finetune={"max_steps": 2})
+    assert tree_hash(project / "models/finetuned") == finetuned_before
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert len(client.search_model_versions(f"name='{name}'")) == versions_before
+    leftover = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "stages.finetune" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert leftover == []
 
 
 def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(project):

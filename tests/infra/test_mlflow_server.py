@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,6 +72,15 @@ def test_register_and_alias_through_http(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     project = tmp_path / "project"
     shutil.copytree(tiny_model_dir, project / "models" / "pruned")
+    for variant, ppl in (("pruned", 12.0), ("dense", 10.0)):
+        for folder, name, content in (
+            ("eval", f"{variant}.json", {"perplexity": {"ptb": ppl}, "zero_shot": {}}),
+            ("eval", f"{variant}.documents.json", {}),
+            ("bench", f"{variant}.json", {}),
+        ):
+            path = project / "metrics" / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content))
     client = tracking.client_for(project)
     run = client.create_run(tracking.experiment_id(client, project))
     version = tracking.register_version(
@@ -80,7 +90,12 @@ def test_register_and_alias_through_http(
     aliases = client.get_registered_model("saap-tiny").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1"}
     files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/config.json" in files
+    assert {"model/MLmodel", "model/artifacts"} <= files
+    # the registered version is an MLflow model that MLflow alone loads
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/saap-tiny@candidate")
+    assert isinstance(model.predict(["the"], params={"max_new_tokens": 2})[0], str)
     client.set_model_version_tag("saap-tiny", "1", "gate.ppl_ratio.verdict", "pass")
     assert (
         client.get_model_version("saap-tiny", "1").tags["gate.ppl_ratio.verdict"]
