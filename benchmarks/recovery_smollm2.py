@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from saap.calibration import load_calibration
+from saap.compensation import plan_grams
 from saap.evaluation.intervals import paired_ratio
 from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
@@ -62,8 +64,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--importance", type=Path, default=Path("artifacts/importance"))
     parser.add_argument("--data", type=Path, default=Path("data/instruct/alpaca.json"))
+    parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
     parser.add_argument("--text", type=Path, default=Path("data/text"))
     parser.add_argument("--eval", type=Path, default=Path("data/eval"))
+    parser.add_argument(
+        "--prune-method",
+        default="saap_ls",
+        help="comparison method (saap/methods.py) that prunes; saap_ls is the "
+        "pipeline's default (SAAP with the least-squares refit)",
+    )
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--budgets", default="50000")
     parser.add_argument("--methods", default="lora,group,kd")
@@ -71,12 +80,29 @@ def main() -> None:
     parser.add_argument("--fidelity-windows", type=int, default=32)
     parser.add_argument("--limit", type=int, default=0, help="docs per task; 0: none")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_recovery.md"))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the JSON of earlier invocations",
+    )
     args = parser.parse_args()
+    results_path = args.out.with_suffix(".json")
+    context_path = args.out.with_suffix(".dense.json")
+    if args.report_only:
+        context = json.loads(context_path.read_text())
+        write_report(
+            args,
+            json.loads(results_path.read_text()),
+            context["dense"],
+            context["lora_tokens_per_example"],
+        )
+        return
     torch.set_num_threads(2)
     dtype = compute_dtype()
     base, tokenizer = load_model(args.model, dtype=torch.float32)
     teacher = copy.deepcopy(base).to(dtype)
     scores = load_scores(args.importance)
+    calibration = load_calibration(args.calibration)["input_ids"]
     records = read_records(args.data)
     finetune = load_section(args.params, "finetune")
     train, val = split_records(records, finetune.val_size, finetune.seed)
@@ -85,9 +111,11 @@ def main() -> None:
     )
     lora_tokens_per_example = sum(len(e.input_ids) for e in examples) / len(examples)
     settings = evaluation(args.params, args.limit, args.windows, args.fidelity_windows)
-    results_path = args.out.with_suffix(".json")
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
-    done = {(r["ratio"], r["method"], r["budget"]) for r in results}
+    done = {
+        (r.get("pruning", "saap"), r["ratio"], r["method"], r["budget"])
+        for r in results
+    }
 
     def evaluate(model, label: str) -> tuple[dict, dict]:
         return evaluate_model(
@@ -102,24 +130,40 @@ def main() -> None:
         )
 
     dense_metrics, dense_docs = evaluate(base, "dense")
+    context_path.write_text(
+        json.dumps(
+            {
+                "dense": {"perplexity": dense_metrics["perplexity"]},
+                "lora_tokens_per_example": lora_tokens_per_example,
+            }
+        )
+        + "\n"
+    )
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        params = prune_params_for("saap", ratio, load_section(args.params, "prune"))
+        params = prune_params_for(
+            args.prune_method, ratio, load_section(args.params, "prune")
+        )
         plan = build_arm_plan(scores, layer_shapes(base), count_params(base), params)
-        pruned = prune_model(base, plan)
+        # the compensation the plan asks for, as the prune stage applies it
+        means = scores.input_means if plan.bias_compensation else None
+        grams = plan_grams(base, plan, calibration) if plan.least_squares else None
+        pruned = prune_model(base, plan, means, grams)
         arms = [("none", 0)] + [
             (m, int(b))
             for b in args.budgets.split(",")
             for m in args.methods.split(",")
         ]
         for method, budget in arms:
-            if (ratio, method, budget) in done:
+            if (args.prune_method, ratio, method, budget) in done:
                 continue
             started = time.perf_counter()
             result = None
             model = pruned
             if method != "none":
                 per_step = finetune.batch_size * (
-                    finetune.cutoff_len if method == "kd" else lora_tokens_per_example
+                    finetune.cutoff_len
+                    if method in ("kd", "group")
+                    else lora_tokens_per_example
                 )
                 steps = max(1, math.ceil(budget / per_step))
                 ft = finetune.model_copy(
@@ -149,6 +193,7 @@ def main() -> None:
             wall = time.perf_counter() - started
             metrics, docs = evaluate(model, f"{method}@{ratio}")
             row = {
+                "pruning": args.prune_method,
                 "ratio": ratio,
                 "method": method,
                 "budget": budget,
@@ -192,28 +237,33 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
     lines = [
         "# Recovery at matched token budgets (SmolLM2-135M, SAAP plans)",
         "",
-        f"Command: `.venv/bin/python benchmarks/recovery_smollm2.py --ratios "
+        "Command (last invocation; rows of earlier invocations are kept, their "
+        "pruning column says which method pruned): "
+        f"`.venv/bin/python benchmarks/recovery_smollm2.py --prune-method "
+        f"{args.prune_method} --ratios "
         f"{args.ratios} --budgets {args.budgets} --methods {args.methods} --windows "
         f"{args.windows} --fidelity-windows {args.fidelity_windows} --limit "
         f"{args.limit}` on 2 CPU threads ({compute_dtype()}). Perplexity: "
         f"{args.windows} windows of the evaluation text (PTB test; the evaluation "
         "half of the Wikipedia prose). KL to dense and top-1 agreement: held-back "
-        f"windows ({args.fidelity_windows}), 95% intervals. LoRA/group train on the "
-        f"Alpaca sample (mean {lora_tokens_per_example:.0f} tokens per record); kd on "
-        "the calibration halves of C4 and Wikipedia plus the Alpaca sample as "
-        "plain text, 13-grams shared with evaluation text cut out.",
+        f"windows ({args.fidelity_windows}), 95% intervals. LoRA trains on the "
+        f"Alpaca sample (mean {lora_tokens_per_example:.0f} tokens per record); kd "
+        "and group (block-wise, then global distillation) on packed 256-token "
+        "windows of the calibration halves of C4 and Wikipedia plus the Alpaca "
+        "sample as plain text, 13-grams shared with evaluation text cut out.",
         "",
         f"Dense: PTB {dense_metrics['perplexity']['ptb']:.1f}, Wiki "
         f"{dense_metrics['perplexity']['wiki']:.1f}.",
         "",
-        "| ratio | recovery | budget | tokens | PTB | Wiki | KL to dense | top-1 | "
-        "tokens/s | train s |",
-        "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+        "| pruning | ratio | recovery | budget | tokens | PTB | Wiki | KL to dense | "
+        "top-1 | tokens/s | train s |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in results:
         speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         lines.append(
-            f"| {r['ratio']:.0%} | {r['method']} | {r['budget']:,} | {r['tokens']:,} "
+            f"| {r.get('pruning', 'saap')} | {r['ratio']:.0%} | {r['method']} "
+            f"| {r['budget']:,} | {r['tokens']:,} "
             f"| {r['ppl']['ptb']:.1f} | {r['ppl']['wiki']:.1f} | {interval(r['kl'])} "
             f"| {interval(r['top1'])} | "
             f"{speed} | "

@@ -1,0 +1,172 @@
+"""Where the time of one distillation step goes, and what each change buys:
+training tokens/s of logit distillation (the `kd` recovery) of the 20%-pruned
+SmolLM2-135M from the dense model, on packed 256-token windows, 2 threads.
+
+Each variant runs the same optimizer step as the `kd` recovery's Trainer (student
+float32 weights under bf16 autocast where the CPU has native bf16, teacher in
+the compute dtype without gradients, KL over the full vocabulary in float32,
+fused AdamW), timed over ``--steps`` steps after one warm-up step, variants
+interleaved round by round so that machine drift hits all alike. Then a
+torch.profiler table of one step of the default variant.
+
+Usage (after ``dvc repro prune``)::
+
+    .venv/bin/python benchmarks/kd_throughput.py [--steps 3] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from saap.distill import kd_loss
+from saap.model import compute_dtype, load_model, native_bfloat16
+
+
+def windows(tokenizer, text_dir: Path, batch: int, seq_len: int) -> torch.Tensor:
+    rows = (text_dir / "c4.jsonl").read_text().splitlines()[:400]
+    text = "\n\n".join(json.loads(r)["text"] for r in rows)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    count = batch * 8
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def variant_step(name, student, teacher, optimizer, batch, top_k=64):
+    """One optimizer step; returns tokens trained."""
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if native_bfloat16()
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad():
+        if name == "cached_topk":
+            # what a top-k cache of the teacher would leave: no teacher forward,
+            # a KL over the teacher's k most likely tokens (renormalised)
+            t_logits = None
+        else:
+            t_logits = teacher(input_ids=batch).logits
+    with autocast:
+        s_logits = student(input_ids=batch).logits
+    if name == "cached_topk":
+        values, index = CACHE[batch.data_ptr()]
+        s = torch.log_softmax(s_logits.float(), -1).gather(-1, index)
+        t = torch.softmax(values.float(), -1)
+        loss = (t * (t.clamp_min(1e-12).log() - s)).sum(-1).mean()
+    else:
+        loss, _ = kd_loss(s_logits, t_logits, None, 1.0, 1.0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return batch.numel()
+
+
+CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--student", type=Path, default=Path("models/pruned"))
+    parser.add_argument("--teacher", type=Path, default=Path("models/base"))
+    parser.add_argument("--text", type=Path, default=Path("data/text"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_kd_throughput"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    dtype = compute_dtype()
+    teacher, tokenizer = load_model(args.teacher, dtype=dtype)
+    data = windows(tokenizer, args.text, args.batch, args.seq_len)
+    batches = list(data.split(args.batch))
+    with torch.no_grad():
+        for b in batches:
+            values, index = teacher(input_ids=b).logits.topk(64, dim=-1)
+            CACHE[b.data_ptr()] = (values, index)
+
+    variants = ["default", "frozen_embeddings", "cached_topk", "frozen+cached"]
+    models = {}
+    for name in variants:
+        student, _ = load_model(args.student, dtype=torch.float32)
+        student.train()
+        student.config.use_cache = False
+        if name.startswith("frozen"):
+            student.get_input_embeddings().weight.requires_grad_(False)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=5e-5, fused=True)
+        models[name] = (student, optimizer)
+
+    def step(name, b):
+        student, optimizer = models[name]
+        kind = {"frozen+cached": "cached_topk", "frozen_embeddings": "default"}.get(
+            name, name
+        )
+        return variant_step(kind, student, teacher, optimizer, b)
+
+    for name in variants:  # warm-up
+        step(name, batches[0])
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        order = variants if round_ % 2 == 0 else list(reversed(variants))
+        for name in order:
+            started = time.perf_counter()
+            tokens = sum(
+                step(name, batches[1 + (i % (len(batches) - 1))])
+                for i in range(args.steps)
+            )
+            timings[name].append(tokens / (time.perf_counter() - started))
+            print(
+                f"round {round_} {name}: {timings[name][-1]:.1f} tokens/s", flush=True
+            )
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step("default", batches[1])
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+    result = {
+        "dtype": str(dtype),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "tokens_per_s": {k: v for k, v in timings.items()},
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        "# Distillation throughput (SmolLM2-135M pruned 20%, `kd` recovery's step)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/kd_throughput.py --steps {args.steps} "
+        f"--rounds {args.rounds}`; batch {args.batch} x {args.seq_len} tokens, 2 "
+        f"threads, compute dtype {dtype}; variants interleaved per round.",
+        "",
+        "| variant | tokens/s per round | mean | vs default |",
+        "|---|---|---:|---:|",
+    ]
+    base = statistics.mean(timings["default"])
+    for name in variants:
+        mean = statistics.mean(timings[name])
+        rounds = ", ".join(f"{t:.0f}" for t in timings[name])
+        lines.append(f"| {name} | {rounds} | {mean:.0f} | {mean / base:.2f}x |")
+    lines += [
+        "",
+        "Profile of one default step (self CPU time):",
+        "",
+        "```",
+        table,
+        "```",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
