@@ -100,6 +100,15 @@ def stage_error_file(project: Path, tag: str) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def stage_env(error_file: Path) -> dict[str, str]:
+    """The environment of a DVC subprocess: the stage error channel, and this
+    interpreter as the stages' ``python``."""
+    return os.environ | {
+        "SAAP_STAGE_ERROR_FILE": str(error_file),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+
+
 def _failure(error_file: Path, fallback: str) -> str:
     """The stage's own one-line error if it wrote one, else ``fallback``."""
     if error_file.is_file():
@@ -145,11 +154,7 @@ def repro(project: Path, stage: str, timeout_s: float | None = None) -> bool:
         return False
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with stage_error_file(project, "saap-error") as error_file:
-        env = os.environ | {
-            "SAAP_STAGE_ERROR_FILE": str(error_file),
-            # the stage's `python` is this interpreter's
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
+        env = stage_env(error_file)
         # stdout streams through; stderr too, with its last lines kept for the
         # failure's message (DVC's own errors, e.g. a busy lock, go there)
         process = subprocess.Popen(
@@ -193,11 +198,7 @@ def exp_run(project: Path, stage: str, name: str, set_params: dict[str, str]) ->
     for key, value in set_params.items():
         command += ["-S", f"{key}={value}"]
     with stage_error_file(project, "saap-exp-error") as error_file:
-        env = os.environ | {
-            "SAAP_STAGE_ERROR_FILE": str(error_file),
-            # the stage's `python` is this interpreter's
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
+        env = stage_env(error_file)
         # `dvc exp run --name` refuses a name left by an interrupted run (same
         # baseline commit); that experiment was never gathered
         subprocess.run(

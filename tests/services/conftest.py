@@ -39,12 +39,17 @@ def services(tmp_path_factory):
     os.environ.update(
         {k: v for k, v in running.env().items() if k != "PATH"},
     )
+    import mlflow
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_HOME,
         temporary_settings,
     )
 
+    # the process-wide MLflow URIs (earlier tests may have set others)
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(running.mlflow_url)
+    mlflow.set_registry_uri(running.mlflow_url)
     try:
         with temporary_settings(
             {
@@ -54,6 +59,8 @@ def services(tmp_path_factory):
         ):
             yield running
     finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
         os.environ.clear()
         os.environ.update(saved)
         running.stop()
