@@ -6,7 +6,9 @@ Each variant runs the same optimizer step as the `kd` recovery's Trainer (studen
 float32 weights under bf16 autocast where the CPU has native bf16, teacher in
 the compute dtype without gradients, KL over the full vocabulary in float32,
 fused AdamW), timed over ``--steps`` steps after one warm-up step, variants
-interleaved round by round so that machine drift hits all alike. Then a
+interleaved round by round so that machine drift hits all alike. The cached
+variants use the recovery's own top-k targets and loss (``finetune.kd_topk``),
+held in memory. Then a
 torch.profiler table of one step of the default variant.
 
 Usage (after ``dvc repro prune``)::
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from saap.distill import kd_loss
+from saap.distill import kd_loss, teacher_targets, topk_kd_loss
 from saap.model import compute_dtype, load_model, native_bfloat16
 
 
@@ -46,27 +48,27 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
     )
     with torch.no_grad():
         if name == "cached_topk":
-            # what a top-k cache of the teacher would leave: no teacher forward,
-            # a KL over the teacher's k most likely tokens (renormalised)
+            # finetune.kd_topk with its cache filled: no teacher forward, the
+            # KL over the teacher's top-k tokens plus its tail mass
             t_logits = None
         else:
             t_logits = teacher(input_ids=batch).logits
     with autocast:
         s_logits = student(input_ids=batch).logits
     if name == "cached_topk":
-        values, index = CACHE[batch.data_ptr()]
-        s = torch.log_softmax(s_logits.float(), -1).gather(-1, index)
-        t = torch.softmax(values.float(), -1)
-        loss = (t * (t.clamp_min(1e-12).log() - s)).sum(-1).mean()
+        targets = CACHE[batch.data_ptr()]
+        loss, _ = topk_kd_loss(
+            s_logits[:, :-1], targets.logp, targets.index, None, 1.0, 1.0
+        )
     else:
-        loss, _ = kd_loss(s_logits, t_logits, None, 1.0, 1.0)
+        loss, _ = kd_loss(s_logits[:, :-1], t_logits[:, :-1], None, 1.0, 1.0)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return batch.numel()
 
 
-CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+CACHE: dict = {}
 
 
 def main() -> None:
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("docs/bench_kd_throughput"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -86,10 +89,8 @@ def main() -> None:
     teacher, tokenizer = load_model(args.teacher, dtype=dtype)
     data = windows(tokenizer, args.text, args.batch, args.seq_len)
     batches = list(data.split(args.batch))
-    with torch.no_grad():
-        for b in batches:
-            values, index = teacher(input_ids=b).logits.topk(64, dim=-1)
-            CACHE[b.data_ptr()] = (values, index)
+    for b in batches:  # the recovery's own top-k targets (kept in memory here)
+        CACHE[b.data_ptr()] = teacher_targets(teacher, b, args.top_k, 1.0, None)
 
     variants = ["default", "frozen_embeddings", "cached_topk", "frozen+cached"]
     models = {}
@@ -145,7 +146,8 @@ def main() -> None:
         "# Distillation throughput (SmolLM2-135M pruned 20%, `kd` recovery's step)",
         "",
         f"Command: `.venv/bin/python benchmarks/kd_throughput.py --steps {args.steps} "
-        f"--rounds {args.rounds}`; batch {args.batch} x {args.seq_len} tokens, 2 "
+        f"--rounds {args.rounds} --top-k {args.top_k}`; batch {args.batch} x "
+        f"{args.seq_len} tokens, 2 "
         f"threads, compute dtype {dtype}; variants interleaved per round.",
         "",
         "| variant | tokens/s per round | mean | vs default |",

@@ -2,7 +2,10 @@
 LoRA (LLM-Pruner), SAAP group fine-tuning and distillation from the dense model
 (kd), each given the same number of training tokens.
 
-Per arm: PTB and Wikipedia perplexity, KL to the dense model and top-1 agreement
+An arm is a recovery method with optional overrides of finetune parameters,
+``name:key=value,...`` (e.g. ``kd:kd_topk=64`` or ``kd:learning_rate=2e-4``).
+Per arm: PTB and Wikipedia perplexity (and its paired ratio to plain ``kd`` at
+the same budget, on the same windows), KL to the dense model and top-1 agreement
 (held-back windows, with intervals), zero-shot mean score (acc_norm where the task
 defines it) on ``--limit`` documents per task with its paired retention interval
 against dense, training tokens, tokens/s and wall time. LoRA's steps are set from
@@ -11,7 +14,7 @@ the mean tokenized length of the instruction records so its budget matches.
 Usage (after ``dvc repro ranking``; minutes per arm on 2 cores)::
 
     .venv/bin/python benchmarks/recovery_smollm2.py --ratios 0.2 \\
-        --budgets 50000 --methods lora,group,kd
+        --budgets 50000 --methods lora,group,kd,kd:kd_topk=64
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
 from saap.calibration import load_calibration
 from saap.compensation import plan_grams
-from saap.evaluation.intervals import paired_ratio
+from saap.evaluation.intervals import paired_ratio, perplexity_ratio
 from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
 from saap.methods import build_arm_plan, prune_params_for
@@ -58,6 +63,16 @@ def evaluation(params, limit, windows, fidelity_windows):
     )
 
 
+def parse_arm(token: str) -> tuple[str, dict]:
+    """``kd:kd_topk=64,learning_rate=2e-4`` -> ("kd", {"kd_topk": 64, ...})."""
+    name, _, rest = token.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -79,6 +94,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--fidelity-windows", type=int, default=32)
     parser.add_argument("--limit", type=int, default=0, help="docs per task; 0: none")
+    parser.add_argument(
+        "--teacher-cache",
+        type=Path,
+        default=None,
+        help="kd_topk targets cache; default: a fresh folder per invocation, so "
+        "the first top-k arm computes them and later ones read them",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench_recovery.md"))
     parser.add_argument(
         "--report-only",
@@ -129,6 +151,7 @@ def main() -> None:
             reference=teacher,
         )
 
+    teacher_cache = args.teacher_cache or Path(tempfile.mkdtemp(prefix="teacher-"))
     dense_metrics, dense_docs = evaluate(base, "dense")
     context_path.write_text(
         json.dumps(
@@ -160,24 +183,31 @@ def main() -> None:
             result = None
             model = pruned
             if method != "none":
+                name, overrides = parse_arm(method)
                 per_step = finetune.batch_size * (
                     finetune.cutoff_len
-                    if method in ("kd", "group")
+                    if name in ("kd", "group")
                     else lora_tokens_per_example
                 )
                 steps = max(1, math.ceil(budget / per_step))
                 ft = finetune.model_copy(
                     update={
-                        "method": method,
+                        **overrides,
+                        "method": name,
                         "max_steps": steps,
                         "eval_steps": steps,
                         "save_steps": steps,
                         "warmup_steps": min(finetune.warmup_steps, steps),
-                        "learning_rate": None,
+                        "learning_rate": overrides.get("learning_rate"),
                     }
                 )
                 data = RecoveryData(
-                    train, val, text_dir=args.text, eval_dir=args.eval, teacher=teacher
+                    train,
+                    val,
+                    text_dir=args.text,
+                    eval_dir=args.eval,
+                    teacher=teacher,
+                    cache_dir=teacher_cache,
                 )
                 with tempfile.TemporaryDirectory() as resume:
                     trained, result = recover(
@@ -201,6 +231,7 @@ def main() -> None:
                 "ppl": metrics["perplexity"],
                 "kl": metrics["fidelity"]["kl"],
                 "top1": metrics["fidelity"]["top1_agreement"],
+                "ptb_nll": docs["perplexity"]["ptb"],
                 "mean_acc": metrics.get("mean_acc"),
                 "tokens": result.tokens if result else 0,
                 "tokens_per_s": result.tokens_per_s if result else None,
@@ -217,8 +248,6 @@ def main() -> None:
 
 def paired_ratio_of(docs: dict, dense_docs: dict, metrics: dict) -> dict:
     """Retention of the mean score against dense, paired over the documents."""
-    import numpy as np
-
     tasks = sorted(metrics["zero_shot"])
     pick = {t: metrics["zero_shot"][t]["metric"] for t in tasks}
     candidate = {t: np.asarray(docs["zero_shot"][t][pick[t]]) for t in tasks}
@@ -255,17 +284,34 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         f"Dense: PTB {dense_metrics['perplexity']['ptb']:.1f}, Wiki "
         f"{dense_metrics['perplexity']['wiki']:.1f}.",
         "",
-        "| pruning | ratio | recovery | budget | tokens | PTB | Wiki | KL to dense | "
-        "top-1 | tokens/s | train s |",
-        "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+        "PTB vs kd: the paired ratio of PTB perplexity to plain `kd` at the same "
+        "pruning, ratio and budget, on the same windows (95% bootstrap interval; "
+        "'-' where either row predates per-window records).",
+        "",
+        "| pruning | ratio | recovery | budget | tokens | PTB | PTB vs kd | Wiki "
+        "| KL to dense | top-1 | tokens/s | train s |",
+        "|---|---|---|---:|---:|---:|---|---:|---|---|---:|---:|",
     ]
+    reference = {
+        (r.get("pruning", "saap"), r["ratio"], r["budget"]): r
+        for r in results
+        if r["method"] == "kd" and "ptb_nll" in r
+    }
     for r in results:
         speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+        ref = reference.get((r.get("pruning", "saap"), r["ratio"], r["budget"]))
+        versus = "-"
+        if ref is not None and "ptb_nll" in r and ref is not r:
+            versus = interval(
+                perplexity_ratio(
+                    np.asarray(r["ptb_nll"]), np.asarray(ref["ptb_nll"])
+                ).as_dict()
+            )
         lines.append(
             f"| {r.get('pruning', 'saap')} | {r['ratio']:.0%} | {r['method']} "
             f"| {r['budget']:,} | {r['tokens']:,} "
-            f"| {r['ppl']['ptb']:.1f} | {r['ppl']['wiki']:.1f} | {interval(r['kl'])} "
-            f"| {interval(r['top1'])} | "
+            f"| {r['ppl']['ptb']:.1f} | {versus} | {r['ppl']['wiki']:.1f} "
+            f"| {interval(r['kl'])} | {interval(r['top1'])} | "
             f"{speed} | "
             f"{r['train_s']:.0f} |"
         )

@@ -9,20 +9,27 @@ target. A seeded slice of windows is held back for validation.
 
 Loss (Hinton et al. 2015; Minitron recovers with the logit term only):
 ``alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE``,
-averaged over every next-token position.
+averaged over every next-token position. With ``finetune.kd_topk`` the teacher
+side is its top-k log-probabilities plus one "any other token" outcome
+(:func:`topk_kd_loss`), computed once per teacher and window set and cached
+(:func:`teacher_targets`), so the training step runs the student alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from saap.atomic import atomic_file
 from saap.data import calibration_documents, evaluation_documents
 from saap.errors import DataError
+from saap.sources import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +124,159 @@ def kd_loss(
     return alpha * kl + (1 - alpha) * ce, kl
 
 
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_index: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kd_loss` against the teacher's top-k log-probabilities
+    ``teacher_logp`` (at ``temperature``) of the tokens ``teacher_index``,
+    ``(B, T, k)`` each, instead of its full logits.
+
+    The KL is the exact KL between the two distributions coarsened to k + 1
+    outcomes: the k teacher tokens and "any other token" (the teacher's tail
+    mass against the student's). It equals the full KL when k is the vocabulary
+    and is never above it (coarsening cannot increase a KL divergence).
+    """
+    vocab = student_logits.shape[-1]
+    k = teacher_logp.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, -1)
+    lt = teacher_logp.float().reshape(-1, k)
+    ls = s.gather(-1, teacher_index.reshape(-1, k).long())
+    pt = lt.exp()
+    head = (pt * (lt - ls)).sum(-1)
+    tail_t = (1 - pt.sum(-1)).clamp_min(TAIL_FLOOR)
+    tail_s = (1 - ls.exp().sum(-1)).clamp_min(TAIL_FLOOR)
+    kl = (head + tail_t * (tail_t.log() - tail_s.log())).mean() * temperature**2
+    if alpha >= 1.0 or labels is None:
+        return kl, kl
+    ce = F.cross_entropy(student_logits.float().reshape(-1, vocab), labels.reshape(-1))
+    return alpha * kl + (1 - alpha) * ce, kl
+
+
+TAIL_FLOOR = 1e-6
+
+
+def weights_digest(model) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a model's state."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k next-token log-probabilities of a set of windows,
+    ``(N, L - 1, k)`` float32 log-probs and int32 token ids, row i belonging to
+    window i."""
+
+    logp: torch.Tensor
+    index: torch.Tensor
+    computed: bool = True  # False: loaded from the cache
+
+    def rows(self, positions: torch.Tensor) -> TeacherTargets:
+        return TeacherTargets(
+            self.logp[positions], self.index[positions], self.computed
+        )
+
+
+def teacher_targets(
+    teacher,
+    windows: torch.Tensor,
+    k: int,
+    temperature: float,
+    cache_dir: Path | None,
+    batch_size: int = 8,
+) -> TeacherTargets:
+    """Top-k log-probabilities of ``teacher`` on ``windows``, computed once and
+    kept under ``cache_dir/teacher-topk/<key>.safetensors`` where the key hashes
+    the teacher's weights, the windows, k, the temperature and the torch
+    version. A cached file is used only when its recorded sha256 matches; one
+    that does not is computed again and replaced."""
+    from safetensors.torch import load_file, save_file
+
+    vocab = teacher.config.vocab_size
+    if not 0 < k <= vocab:
+        raise DataError(
+            f"finetune.kd_topk {k} must be between 1 and the vocabulary size "
+            f"{vocab}; e.g. kd_topk: 64, or null for the full KL"
+        )
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(
+            "|".join(
+                [
+                    weights_digest(teacher),
+                    hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+                    str(tuple(windows.shape)),
+                    str(k),
+                    repr(float(temperature)),
+                    torch.__version__,
+                ]
+            ).encode()
+        ).hexdigest()[:32]
+        path = cache_dir / "teacher-topk" / f"{key}.safetensors"
+        recorded = path.with_suffix(".sha256")
+        if path.is_file() and recorded.is_file():
+            if sha256_of(path) == recorded.read_text().strip():
+                tensors = load_file(path)
+                log.info("teacher top-%d targets from the cache: %s", k, path)
+                return TeacherTargets(tensors["logp"], tensors["index"], False)
+            log.warning("teacher cache %s does not match its sha256; recomputing", path)
+    was_training = teacher.training
+    teacher.eval()
+    logps, indices = [], []
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            logits = teacher(input_ids=windows[start : start + batch_size]).logits
+            logp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
+            values, index = logp.topk(k, dim=-1)
+            logps.append(values)
+            indices.append(index.to(torch.int32))
+    teacher.train(was_training)
+    targets = TeacherTargets(torch.cat(logps), torch.cat(indices))
+    if path is not None:
+        with atomic_file(path) as tmp:
+            save_file({"logp": targets.logp, "index": targets.index}, str(tmp))
+            digest = sha256_of(tmp)
+        with atomic_file(path.with_suffix(".sha256")) as tmp:
+            tmp.write_text(digest + "\n")
+        log.info("teacher top-%d targets cached: %s", k, path)
+    return targets
+
+
 class WindowDataset(torch.utils.data.Dataset):
-    def __init__(self, windows: torch.Tensor) -> None:
+    """Token windows, with the teacher's top-k targets of each when given."""
+
+    def __init__(
+        self, windows: torch.Tensor, targets: TeacherTargets | None = None
+    ) -> None:
+        if targets is not None and len(targets.logp) != len(windows):
+            raise ValueError(
+                f"{len(targets.logp)} teacher targets for {len(windows)} windows"
+            )
         self.windows = windows
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.windows[index]}
+        item = {"input_ids": self.windows[index]}
+        if self.targets is not None:
+            item["teacher_logp"] = self.targets.logp[index]
+            item["teacher_index"] = self.targets.index[index]
+        return item
 
 
 def collate_windows(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.stack([b["input_ids"] for b in batch])}
+    return {key: torch.stack([b[key] for b in batch]) for key in batch[0]}
 
 
 def _objective_on_held_out(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -156,6 +303,17 @@ def distill_trainer_class():
             self, model, inputs, return_outputs=False, num_items_in_batch=None
         ):
             ids = inputs["input_ids"]
+            if "teacher_logp" in inputs:  # cached top-k targets: no teacher pass
+                outputs = model(input_ids=ids)
+                loss, _ = topk_kd_loss(
+                    outputs.logits[:, :-1],
+                    inputs["teacher_logp"],
+                    inputs["teacher_index"],
+                    ids[:, 1:],
+                    self.temperature,
+                    self.alpha,
+                )
+                return (loss, outputs) if return_outputs else loss
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=ids).logits[:, :-1]
             outputs = model(input_ids=ids)

@@ -533,6 +533,14 @@ class FinetuneParams(Section):
         description="kd: train LoRA adapters (lora_r) instead of every weight "
         "(for models too large to train in full).",
     )
+    kd_topk: int | None = Field(
+        None,
+        gt=0,
+        description="kd: distil from the teacher's top-k next-token "
+        "probabilities (plus its tail mass), computed once per teacher and window "
+        "set and cached under the download cache, so later runs on the same "
+        "windows skip the teacher; null: full logits, teacher run every step.",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod

@@ -16,6 +16,9 @@ TrainResult)``, registered with ``RECOVERIES.add``, plus its test:
   trainable parameters) as plain LoRA;
 - ``kd``: distillation from the dense model (saap/distill.py) on plain text no
   evaluation uses, every weight trained (or LoRA adapters with ``kd_lora``);
+  with ``kd_topk`` the teacher's top-k probabilities are computed once per
+  teacher and window set and cached, so a later run on the same windows (another
+  ratio, seed or method) never runs the teacher;
 - ``group``: SAAP group fine-tuning as block-wise distillation: groups of layers
   by the layer ranking, recovered one after another to reproduce the dense
   model's hidden states, then a global logit distillation
@@ -25,6 +28,7 @@ TrainResult)``, registered with ``RECOVERIES.add``, plus its test:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +67,7 @@ class RecoveryData:
     text_dir: Path | None = None
     eval_dir: Path | None = None  # zero-shot task records, kept out of training
     teacher: object | None = None  # () -> model, or a model
+    cache_dir: Path | None = None  # teacher top-k targets; None: the download cache
 
     def load_teacher(self):
         if self.teacher is None:
@@ -185,13 +190,44 @@ class DistillRecovery:
             log.info("cut %d words shared with evaluation text (13-grams)", cut)
         windows = pack(tokenizer, documents, params.cutoff_len)
         train, val = split_windows(windows, params.kd_val_windows, params.seed)
+        if params.max_steps is not None:
+            # the windows the step budget reaches (the split is already a seeded
+            # shuffle): the trainer sees exactly the windows a teacher cache holds
+            train = train[: params.max_steps * params.batch_size]
         log.info(
-            "distillation text: %d windows of %d tokens (%d held out)",
+            "distillation text: %d windows of %d tokens (%d for training, %d held out)",
             len(windows),
             params.cutoff_len,
+            len(train),
             len(val),
         )
         return train, val
+
+    def targets(self, teacher, train, val, params: FinetuneParams, cache_dir):
+        """The teacher's top-k targets of the training and validation windows
+        (one cached file for both), or (None, None) for full-logit distillation."""
+        if params.kd_topk is None:
+            return None, None
+        from saap.distill import teacher_targets
+        from saap.sources import default_cache_dir
+
+        started = time.perf_counter()
+        targets = teacher_targets(
+            teacher,
+            torch.cat([train, val]),
+            params.kd_topk,
+            params.kd_temperature,
+            cache_dir or default_cache_dir(),
+        )
+        log.info(
+            "teacher top-%d targets of %d windows %s in %.1f s",
+            params.kd_topk,
+            len(train) + len(val),
+            "computed" if targets.computed else "read from the cache",
+            time.perf_counter() - started,
+        )
+        rows = torch.arange(len(train) + len(val))
+        return targets.rows(rows[: len(train)]), targets.rows(rows[len(train) :])
 
     def distill(
         self,
@@ -203,18 +239,22 @@ class DistillRecovery:
         resume_dir: Path,
         callbacks: list | None = None,
         progress: bool = True,
+        cache_dir: Path | None = None,
     ):
         """Logit distillation of ``model`` from ``teacher`` on the windows."""
         from saap.distill import WindowDataset, collate_windows, distill_trainer_class
 
         key = fingerprint(params, [train.flatten().tolist()], model)
+        train_targets, val_targets = self.targets(
+            teacher, train, val, params, cache_dir
+        )
         return run_trainer(
             model,
             params,
             resume_dir,
             key,
-            WindowDataset(train),
-            WindowDataset(val),
+            WindowDataset(train, train_targets),
+            WindowDataset(val, val_targets),
             collate_windows,
             callbacks,
             progress,
@@ -249,7 +289,15 @@ class DistillRecovery:
             model = get_peft_model(model, lora_config(params))
         teacher = data.load_teacher()
         return self.distill(
-            model, teacher, train, val, params, resume_dir, callbacks, progress
+            model,
+            teacher,
+            train,
+            val,
+            params,
+            resume_dir,
+            callbacks,
+            progress,
+            data.cache_dir,
         )
 
 
@@ -365,6 +413,7 @@ class BlockDistillRecovery(DistillRecovery):
             resume_dir,
             callbacks,
             progress,
+            data.cache_dir,
         )
         results.append(result)
         offset = sum(r.steps for r in results[:-1])

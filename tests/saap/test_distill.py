@@ -17,6 +17,8 @@ from saap.distill import (
     pack,
     shared_ngrams,
     split_windows,
+    teacher_targets,
+    topk_kd_loss,
 )
 from saap.errors import DataError, PruningError
 from saap.finetune import merge
@@ -91,6 +93,99 @@ def test_kd_loss_is_the_kl_and_vanishes_on_the_teacher():
     mixed, kl = kd_loss(student, teacher, labels, temperature=1.0, alpha=0.25)
     ce = torch.nn.functional.cross_entropy(student.view(-1, 11), labels.view(-1))
     assert float(mixed) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+
+
+def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 5, 11, generator=g) * 3
+    student = torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    for temperature in (1.0, 2.0):
+        logp = (teacher / temperature).log_softmax(-1)
+        _, full = kd_loss(student, teacher, labels, temperature, 1.0)
+        values, index = logp.topk(11, dim=-1)
+        _, whole = topk_kd_loss(student, values, index, labels, temperature, 1.0)
+        assert float(whole) == pytest.approx(float(full), rel=1e-4, abs=1e-5)
+        for k in (1, 3, 8):
+            values, index = logp.topk(k, dim=-1)
+            _, part = topk_kd_loss(student, values, index, labels, temperature, 1.0)
+            assert 0.0 <= float(part) <= float(full) + 1e-6
+        # the student equal to the teacher: zero, whatever k
+        values, index = logp.topk(3, dim=-1)
+        _, same = topk_kd_loss(teacher, values, index, labels, temperature, 1.0)
+        assert float(same) == pytest.approx(0.0, abs=1e-5)
+    values, index = teacher.log_softmax(-1).topk(4, dim=-1)
+    mixed, kl = topk_kd_loss(student, values, index, labels, 1.0, 0.25)
+    ce = torch.nn.functional.cross_entropy(student.view(-1, 11), labels.view(-1))
+    assert float(mixed) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+
+
+class CountingForward:
+    """Counts a model's forward passes (a forward pre-hook)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+
+def test_teacher_targets_are_cached_and_verified(tiny_model_dir, windows, tmp_path):
+    teacher, _ = load_model(tiny_model_dir)
+    counter = CountingForward(teacher)
+    first = teacher_targets(teacher, windows, 5, 1.0, tmp_path, batch_size=4)
+    assert first.computed and counter.calls == 2
+    (cached,) = (tmp_path / "teacher-topk").glob("*.safetensors")
+    assert first.logp.shape == first.index.shape == (8, 31, 5)
+    with torch.no_grad():
+        logp = teacher(input_ids=windows).logits[:, :-1].float().log_softmax(-1)
+    assert torch.allclose(first.logp, logp.topk(5, dim=-1).values, atol=1e-5)
+    again = teacher_targets(teacher, windows, 5, 1.0, tmp_path)
+    assert not again.computed and counter.calls == 3  # no teacher pass
+    assert torch.equal(again.logp, first.logp) and torch.equal(again.index, first.index)
+    # another k, temperature or window set is another entry
+    teacher_targets(teacher, windows, 5, 2.0, tmp_path)
+    teacher_targets(teacher, windows[:4], 5, 1.0, tmp_path)
+    assert counter.calls == 5
+    # a damaged file is not trusted: recomputed and replaced
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    repaired = teacher_targets(teacher, windows, 5, 1.0, tmp_path)
+    assert repaired.computed and torch.equal(repaired.logp, first.logp)
+    with pytest.raises(DataError, match="kd_topk 0"):
+        teacher_targets(teacher, windows, 0, 1.0, tmp_path)
+
+
+def test_topk_distillation_skips_the_teacher_on_cached_windows(
+    student_and_teacher, text_dir, tmp_path
+):
+    pruned_dir, teacher, tokenizer = student_and_teacher
+    held = pack(tokenizer, evaluation_documents(text_dir, "wiki"), 32)[:8]
+    data = RecoveryData(
+        RECORDS[:10],
+        RECORDS[10:],
+        text_dir=text_dir,
+        teacher=teacher,
+        cache_dir=tmp_path / "cache",
+    )
+    params = kd_params(kd_topk=8)
+    student, _ = load_model(pruned_dir)
+    before = validation_kl(student, teacher, held)
+    counter = CountingForward(teacher)
+    trained, result = recover(
+        student, tokenizer, data, params, tmp_path / "a", progress=False
+    )
+    # one teacher pass per batch of windows to fill the cache, none in training
+    assert counter.calls == 1 + (6 * 4 + 4 - 1) // 8
+    assert result.steps == 6 and validation_kl(trained, teacher, held) < before
+    calls = counter.calls
+    student, _ = load_model(pruned_dir)
+    again, _ = recover(student, tokenizer, data, params, tmp_path / "b", progress=False)
+    assert counter.calls == calls  # the second run never runs the teacher
+    a, b = trained.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_decontamination_cuts_shared_13_grams_only():
