@@ -47,8 +47,8 @@ def report(results: dict, out: Path) -> None:
     lines = [
         "# Gate noise: interval widths and repeated verdicts per profile",
         "",
-        "Candidate: the `make run` model (SAAP 20%, group fine-tuning) against "
-        "dense SmolLM2-135M; 2 CPU threads, dtype as recorded below. Commands: "
+        f"Candidate: the `make run` model ({results.get('candidate', 'see params')}) "
+        "against dense SmolLM2-135M; 2 CPU threads. Commands: "
         + " then ".join(f"`{c}`" for c in results.get("commands", []))
         + ". Intervals are 95% paired bootstrap intervals (2,000 resamples); the "
         "speedup interval bootstraps the interleaved repeat pairs of one llama.cpp "
@@ -136,7 +136,13 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, default=Path("data/eval"))
     parser.add_argument("--json", type=Path, default=Path("docs/bench_gates.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/bench_gates.md"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="render --out from --json"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        report(json.loads(args.json.read_text()), args.out)
+        return
     torch.set_num_threads(2)
     command = " ".join(["python benchmarks/gate_noise.py", *sys.argv[1:]])
     settings = load_section("params.yaml", "evaluate").resolved(args.profile)
@@ -144,6 +150,13 @@ def main() -> None:
     gates = load_section("params.yaml", "gates")
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.setdefault("commands", []).append(command)
+    prune = load_section("params.yaml", "prune")
+    finetune = load_section("params.yaml", "finetune")
+    results["candidate"] = (
+        f"{prune.importance} {prune.ratio:.0%}, allocation {prune.allocation}, "
+        f"recovery {finetune.method} {finetune.max_steps} steps, dtype "
+        f"{compute_dtype()}"
+    )
     dense, tokenizer = load_model(args.dense, dtype=compute_dtype())
     candidate, _ = load_model(args.candidate, dtype=compute_dtype())
 

@@ -149,12 +149,24 @@ def deploy(
     profile: Annotated[
         str, typer.Option(help="Evaluation profile of the scheduled runs")
     ] = "nightly",
+    heartbeat_s: Annotated[
+        int,
+        typer.Option(
+            help="Seconds between a run's heartbeats; 3 missed mark it Crashed"
+        ),
+    ] = 60,
 ) -> None:
     """Create the nightly deployment (needs a Prefect server: PREFECT_API_URL)."""
     _quiet_prefect()
     from flows.deploy import deploy_nightly
 
-    deployment_id = deploy_nightly(project, cron=cron, pool=pool, profile=profile)
+    try:
+        deployment_id = deploy_nightly(
+            project, cron=cron, pool=pool, profile=profile, heartbeat_s=heartbeat_s
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(
         f"deployment compress/nightly ({deployment_id}) on pool {pool}, cron "
         f"{cron!r}; start a worker with: prefect worker start --pool {pool}"

@@ -252,6 +252,22 @@ def test_nightly_deployment_has_its_schedule(project):
     assert deployment.work_pool_name == "saap-test-pool"
     assert deployment.parameters["profile"] == "nightly"
     assert deployment.concurrency_limit == 1 or deployment.global_concurrency_limit
+    # its runs send heartbeats; an automation crashes a run that stops sending them
+    env = deployment.job_variables["env"]
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    from prefect.automations import Automation
+
+    from flows.deploy import automation_name
+
+    automation = Automation.read(name=automation_name(str(deployment.id)))
+    assert automation.trigger.within.total_seconds() == 180
+    assert "prefect.flow-run.NotPromoted" in automation.trigger.expect
+    assert automation.actions[0].state.value == "CRASHED"
+    deploy_nightly(project, cron="0 3 * * *", pool="saap-test-pool")  # idempotent
+    again = Automation.read(name=automation_name(str(deployment.id)))
+    assert again.id != automation.id
+    with pytest.raises(ValueError, match="30 or more"):
+        deploy_nightly(project, pool="saap-test-pool", heartbeat_s=5)
 
 
 # ------------------------------------------------------------ gate audit

@@ -51,7 +51,7 @@ def project(services, tmp_path_factory, tiny_model_dir, text_dir, eval_dir):
 def deploy(services, project: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "saap_cli", "deploy", "--project", str(project),
-         "--pool", POOL, "--profile", "quick"],
+         "--pool", POOL, "--profile", "quick", "--heartbeat-s", "30"],
         env=services.env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -231,9 +231,6 @@ def running_task(run_id) -> str | None:
 def test_killed_worker_leaves_everything_then_next_run_completes(
     services, project, tmp_path
 ):
-    from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
-
     client, name = registry(services, project)
     versions = len(client.search_model_versions(f"name='{name}'"))
     champion = client.get_model_version_by_alias(name, "champion").version
@@ -270,10 +267,15 @@ def test_killed_worker_leaves_everything_then_next_run_completes(
     assert not {"ranking", "prune"} & set(status), status
     assert len(client.search_model_versions(f"name='{name}'")) == versions
     assert client.get_model_version_by_alias(name, "champion").version == champion
-    # nothing marks a run whose worker died: the operator (or an automation)
-    # sets it Crashed, which frees the deployment's concurrency slot
-    with get_client(sync_client=True) as prefect:
-        prefect.set_flow_run_state(run.id, Crashed(message="worker killed"), force=True)
+    # the deployment's automation sets the silent run Crashed (3 missed
+    # heartbeats of 30 s), which frees the deployment's concurrency slot
+    killed_at = time.monotonic()
+    while not (state := flow_run(run.id).state).is_final():
+        assert time.monotonic() - killed_at < 240, f"still {state.name}"
+        time.sleep(5)
+    assert state.is_crashed(), state.name
+    assert "no heartbeat" in (state.message or "")
+    print(f"marked Crashed {time.monotonic() - killed_at:.0f} s after the kill")
     log = tmp_path / "worker-next.log"
     state = wait_final(trigger().id, start_worker(services, log), log)
     assert state.is_completed(), f"{state.name}: {log.read_text()[-3000:]}"
