@@ -42,6 +42,8 @@ from saap.params import load_section
 from saap.runtime.llamacpp import ensure_llamacpp
 from stages.bench import gguf_files
 
+SPEED_ESTIMATOR = "median of the per-round log-ratios, bootstrap over rounds"
+
 
 def report(results: dict, out: Path) -> None:
     lines = [
@@ -55,6 +57,9 @@ def report(results: dict, out: Path) -> None:
         "bench run (the gate's GGUF type, against the dense file of that type).",
         "",
     ]
+    lines += [f"Note: {note}" for note in results.get("notes", [])]
+    if results.get("notes"):
+        lines.append("")
     for profile, run in results.get("profiles", {}).items():
         settings = run["settings"]
         limits = settings["task_limits"] or {}
@@ -75,6 +80,13 @@ def report(results: dict, out: Path) -> None:
             "to the pipeline's evaluate stage (per-document results, per-window "
             f"NLL and KL): {run.get('identical_evaluations', 'n/a')}; the "
             "repeats below re-time the speedup (interleaved bench) each time.",
+            "- Speedup estimator: "
+            + run.get(
+                "speed_estimator",
+                "mean of the per-round log-ratios (the estimator before the "
+                "median; see the last section)",
+            )
+            + ".",
             "",
             "| repeat | gate | value | 95% interval | half-width | threshold "
             "| mode | verdict |",
@@ -106,12 +118,79 @@ def report(results: dict, out: Path) -> None:
             + ".",
             "",
         ]
+    check = results.get("speed_checks")
+    if check:
+        rows = check["repeats"]
+        verdicts = ["pass" if r["gate"]["passed"] else "FAIL" for r in rows]
+        lines += [
+            "## The speed gate re-timed",
+            "",
+            f"`{check['command']}`: the speed gate alone (the other gates are "
+            "deterministic), re-timed back to back; llama.cpp "
+            f"{check['gguf_type']} "
+            f"decode, {check['bench']['repeats']} interleaved rounds of "
+            f"{check['bench']['prompt_len']} prompt + "
+            f"{check['bench']['decode_tokens']} decoded tokens; estimator: "
+            f"{check['estimator']}.",
+            "",
+            "| repeat | decode speedup | 95% interval | half-width | verdict "
+            "| bench s |",
+            "|---|---:|---|---:|---|---:|",
+        ]
+        for index, r in enumerate(rows, start=1):
+            g = r["gate"]
+            lines.append(
+                f"| {index} | {g['value']:.4f} | [{g['lower']:.4f}, {g['upper']:.4f}] "
+                f"| {(g['upper'] - g['lower']) / 2:.4f} | {verdicts[index - 1]} "
+                f"| {r['bench_s']:.0f} |"
+            )
+        lines += [
+            "",
+            f"Verdicts {'agree' if len(set(verdicts)) == 1 else 'DISAGREE'}: "
+            + ", ".join(verdicts)
+            + ".",
+            "",
+        ]
     out.write_text("\n".join(lines) + "\n")
+
+
+def speed_checks(args) -> None:
+    """The speed gate alone, re-timed ``args.speed_only`` times in a row."""
+    from saap.gates import _speed_gate
+
+    bench = load_section("params.yaml", "bench")
+    gates = load_section("params.yaml", "gates")
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    command = " ".join(["python benchmarks/gate_noise.py", *sys.argv[1:]])
+    kind = gates.speed_gguf_type
+    check = {
+        "command": command,
+        "bench": bench.model_dump(),
+        "estimator": SPEED_ESTIMATOR,
+        "gguf_type": kind,
+        "repeats": [],
+    }
+    results["speed_checks"] = check
+    for index in range(args.speed_only):
+        started = time.perf_counter()
+        runtime = llamacpp_benchmark(
+            ensure_llamacpp(),
+            {kind: gguf_files(args.gguf)[kind]},
+            bench,
+            {kind: gguf_files(args.dense_gguf)[kind]},
+        )
+        gate = _speed_gate({"bench": {"llamacpp": runtime}}, gates)
+        check["repeats"].append(
+            {"bench_s": time.perf_counter() - started, "gate": gate.as_dict()}
+        )
+        write_json(args.json, results)
+        report(results, args.out)
+        print(index + 1, round(gate.value or 0, 4), gate.passed, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", required=True)
+    parser.add_argument("--profile", help="evaluation profile (not with --speed-only)")
     parser.add_argument("--repeats", type=int, default=1, help="candidate evals")
     parser.add_argument("--bench-repeats", type=int, default=3, help="benches")
     parser.add_argument(
@@ -139,10 +218,22 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="render --out from --json"
     )
+    parser.add_argument(
+        "--speed-only",
+        type=int,
+        default=0,
+        help="only re-time the speed gate this many times (the other gates are "
+        "deterministic: identical on every evaluation)",
+    )
     args = parser.parse_args()
     if args.report_only:
         report(json.loads(args.json.read_text()), args.out)
         return
+    if args.speed_only:
+        speed_checks(args)
+        return
+    if not args.profile:
+        parser.error("--profile is required (quick or nightly)")
     torch.set_num_threads(2)
     command = " ".join(["python benchmarks/gate_noise.py", *sys.argv[1:]])
     settings = load_section("params.yaml", "evaluate").resolved(args.profile)
@@ -187,6 +278,7 @@ def main() -> None:
         "settings": settings.model_dump(),
         "documents": dense_metrics["documents_evaluated"],
         "dense_s": dense_s,
+        "speed_estimator": SPEED_ESTIMATOR,
         "repeats": [],
     }
     results.setdefault("profiles", {})[args.profile] = run

@@ -78,6 +78,25 @@ def test_paired_speedup_contains_one_for_the_same_timings():
     assert speedup.lower < 1.0 < speedup.upper
 
 
+def test_paired_speedup_resists_an_interrupted_round():
+    rng = np.random.default_rng(5)
+    reference = rng.normal(130.0, 3.0, 12)
+    candidate = reference * 1.2 * rng.normal(1.0, 0.02, 12)
+    clean = paired_speedup(candidate, reference)
+    assert clean.lower < 1.2 < clean.upper
+    hit = candidate.copy()
+    hit[[3, 8]] *= 0.4  # two runs interrupted by another process
+    disturbed = paired_speedup(hit, reference)
+    assert disturbed.value == pytest.approx(clean.value, abs=0.03)
+    assert disturbed.lower > 1.1
+    # the mean of the log-ratios would have fallen to about 1.03
+    assert np.exp(np.log(hit / reference).mean()) < 1.05
+    # a whole-sample shift still moves it: it is a location, not a constant
+    assert paired_speedup(candidate * 0.8, reference).value == pytest.approx(
+        0.8 * clean.value, rel=1e-9
+    )
+
+
 def test_mismatched_documents_are_refused():
     with pytest.raises(DataError, match="same documents of t"):
         paired_ratio({"t": np.ones(5)}, {"t": np.ones(6)})
