@@ -3,7 +3,8 @@ LoRA (LLM-Pruner), SAAP group fine-tuning and distillation from the dense model
 (kd), each given the same number of training tokens.
 
 An arm is a recovery method with optional overrides of finetune parameters,
-``name:key=value,...`` (e.g. ``kd:kd_topk=64`` or ``kd:learning_rate=2e-4``).
+``name:key=value+key=value`` (e.g. ``kd:kd_topk=64`` or
+``kd:kd_topk=64+learning_rate=2e-4``); arms are separated by commas.
 Per arm: PTB and Wikipedia perplexity (and its paired ratio to plain ``kd`` at
 the same budget, on the same windows), KL to the dense model and top-1 agreement
 (held-back windows, with intervals), zero-shot mean score (acc_norm where the task
@@ -38,7 +39,7 @@ from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
 from saap.methods import build_arm_plan, prune_params_for
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
-from saap.params import load_section
+from saap.params import FinetuneParams, load_section
 from saap.prune import prune_model
 from saap.recovery import RecoveryData, recover
 from saap.scores import load_scores
@@ -64,13 +65,15 @@ def evaluation(params, limit, windows, fidelity_windows):
 
 
 def parse_arm(token: str) -> tuple[str, dict]:
-    """``kd:kd_topk=64,learning_rate=2e-4`` -> ("kd", {"kd_topk": 64, ...})."""
+    """``kd:kd_topk=64+learning_rate=2e-4`` -> ("kd", {"kd_topk": 64, ...})."""
     name, _, rest = token.partition(":")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split("+")):
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    return name, overrides
+    # validated and typed as params.yaml would be (model_copy does not validate)
+    parsed = FinetuneParams.model_validate(overrides)
+    return name, {key: getattr(parsed, key) for key in overrides}
 
 
 def main() -> None:
