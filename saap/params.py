@@ -497,7 +497,7 @@ class FinetuneParams(Section):
         None,
         gt=0,
         description="AdamW learning rate; null = the method's own (LoRA 1e-4, "
-        "full-parameter kd 5e-5).",
+        "full-parameter kd 2e-4, group 5e-5).",
     )
     batch_size: int = Field(
         8, gt=0, description="Examples (kd: windows) per optimizer step."
