@@ -118,9 +118,16 @@ def kd_loss(
         .mean()
         * temperature**2
     )
+    return _with_lm_loss(kl, student_logits, labels, alpha)
+
+
+def _with_lm_loss(kl, student_logits, labels, alpha: float):
+    """(alpha * kl + (1 - alpha) * CE(student, labels), kl); the KL alone when
+    ``alpha`` is 1 or there are no labels."""
     if alpha >= 1.0 or labels is None:
         return kl, kl
-    ce = F.cross_entropy(student_logits.float().view(-1, vocab), labels.reshape(-1))
+    vocab = student_logits.shape[-1]
+    ce = F.cross_entropy(student_logits.float().reshape(-1, vocab), labels.reshape(-1))
     return alpha * kl + (1 - alpha) * ce, kl
 
 
@@ -151,10 +158,7 @@ def topk_kd_loss(
     tail_t = (1 - pt.sum(-1)).clamp_min(TAIL_FLOOR)
     tail_s = (1 - ls.exp().sum(-1)).clamp_min(TAIL_FLOOR)
     kl = (head + tail_t * (tail_t.log() - tail_s.log())).mean() * temperature**2
-    if alpha >= 1.0 or labels is None:
-        return kl, kl
-    ce = F.cross_entropy(student_logits.float().reshape(-1, vocab), labels.reshape(-1))
-    return alpha * kl + (1 - alpha) * ce, kl
+    return _with_lm_loss(kl, student_logits, labels, alpha)
 
 
 TAIL_FLOOR = 1e-6
