@@ -52,6 +52,7 @@ def deploy_nightly(
     from prefect import flow
     from prefect.client.schemas.schedules import CronSchedule
 
+    check_heartbeat(heartbeat_s)  # before anything on the server changes
     ensure_process_pool(pool)
     project = project.resolve()
     remote = flow.from_source(
@@ -74,6 +75,14 @@ def deploy_nightly(
     return str(deployment_id)
 
 
+def check_heartbeat(heartbeat_s: int) -> None:
+    if heartbeat_s < 30:
+        raise ValueError(
+            f"heartbeat_s {heartbeat_s}: Prefect sends flow-run heartbeats at most "
+            "every 30 s; use 30 or more"
+        )
+
+
 def automation_name(deployment_id: str) -> str:
     return f"saap: crash unresponsive runs of {deployment_id}"
 
@@ -92,11 +101,7 @@ def ensure_unresponsive_automation(
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    if heartbeat_s < 30:
-        raise ValueError(
-            f"heartbeat_s {heartbeat_s}: Prefect sends flow-run heartbeats at most "
-            "every 30 s; use 30 or more"
-        )
+    check_heartbeat(heartbeat_s)
     name = automation_name(deployment_id)
     try:
         Automation.read(name=name).delete()

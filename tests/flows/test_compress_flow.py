@@ -268,6 +268,9 @@ def test_nightly_deployment_has_its_schedule(project):
     assert again.id != automation.id
     with pytest.raises(ValueError, match="30 or more"):
         deploy_nightly(project, pool="saap-test-pool", heartbeat_s=5)
+    # refused before anything changed: the schedule and automation stay
+    assert [s.schedule.cron for s in read_deployment().schedules] == ["0 3 * * *"]
+    assert Automation.read(name=automation_name(str(deployment.id))).id == again.id
 
 
 # ------------------------------------------------------------ gate audit
