@@ -9,7 +9,7 @@ A flow run whose process dies (a killed worker, a lost machine) would stay
 "Running" and hold the deployment's one concurrency slot. The deployment's runs
 send heartbeats every ``heartbeat_s`` seconds, and ``saap deploy`` also creates
 an automation on the Prefect server that sets a run of this deployment Crashed
-when ``missed_heartbeats`` heartbeats in a row do not arrive (Prefect's
+when ``MISSED_HEARTBEATS`` heartbeats in a row do not arrive (Prefect's
 "zombie flow" recipe, scoped to this deployment).
 """
 
