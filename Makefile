@@ -10,17 +10,23 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # CI runs the slow tests (real SmolLM2-135M downloads) too; locally `make test-all`
 PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
-.PHONY: install llamacpp postgres setup run compare test test-all lint clean
+.PHONY: install lock llamacpp postgres setup run compare test test-all lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,services]'
+	# every distribution pinned with the sha256 of its file (torch: the CPU build),
+	# each download checked before any code from it runs; then the project itself
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# re-resolve pyproject.toml's dependencies in a throwaway venv and write
+# requirements.lock (versions and sha256) from it; after a dependency change
+lock:
+	$(PYTHON) infra/lock.py --resolve
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
 # ~/.cache/saap/llama.cpp; about 7.5 min on 2 idle cores the first time). The
