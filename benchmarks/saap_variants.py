@@ -108,6 +108,18 @@ def main() -> None:
         help="run only the variants whose label contains one of these (the "
         "reference always runs)",
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="--only names whole labels, not parts of them",
+    )
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        help="score only these estimators in the statistics pass (default: the "
+        "importance section's list); the variants run must use only these",
+    )
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--text", type=Path, default=Path("data/text"))
     parser.add_argument("--out", type=Path, default=Path("docs/bench_saap_variants"))
@@ -118,7 +130,7 @@ def main() -> None:
         calibration = calibration.model_copy(update={"num_samples": args.samples})
     base_prune = load_section("params.yaml", "prune")
     batch_size = load_section("params.yaml", "importance").batch_size
-    estimators = list(ImportanceParams().estimators)
+    estimators = args.estimators or list(ImportanceParams().estimators)
     model, _ = load_model(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     shapes, total = layer_shapes(model), count_params(model)
@@ -153,6 +165,7 @@ def main() -> None:
                     torch.cat([r[kind] for r in scores.replicates[m]], 1)
                 )
                 for m in ALL4
+                if m in scores.replicates
             }
             for kind in ("mlp", "q_head")
         }
@@ -162,7 +175,10 @@ def main() -> None:
         for ratio in args.ratios:
             for label, overrides in VARIANTS.items():
                 if args.only and label != REFERENCE:
-                    if not any(part in label for part in args.only):
+                    if not any(
+                        part == label if args.exact else part in label
+                        for part in args.only
+                    ):
                         continue
                 if overrides.get("allocation") == "sensitivity" and ratio > 0.3:
                     continue  # needs attention pruning, which it does not do
@@ -199,6 +215,8 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         f"{' '.join(map(str, args.ratios))}"
         + (f" --samples {args.samples}" if args.samples else "")
         + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
+        + (" --exact" if args.exact else "")
+        + (" --estimators " + " ".join(args.estimators) if args.estimators else "")
         + (f" --out {args.out}" if str(args.out) != "docs/bench_saap_variants" else "")
         + "`; calibration "
         f"{calib_shape[0]} x {calib_shape[1]} tokens per seed (C4), evaluation "
@@ -217,9 +235,9 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         lines += [
             f"## {float(ratio):.0%}",
             "",
-            "| variant | PTB | 95% CI | vs reference (PTB) | Wiki | vs reference "
-            "(Wiki) |",
-            "|---|---:|---|---|---:|---|",
+            "| variant | PTB | 95% CI | seed sd (PTB) | vs reference (PTB) | Wiki "
+            "| vs reference (Wiki) |",
+            "|---|---:|---|---:|---|---:|---|",
         ]
         reference = table[REFERENCE]
         for label, rows in table.items():
@@ -238,7 +256,14 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
                     + ("" if dh < 0 or dl > 0 else " not separated")
                 )
                 if corpus == "ptb":
-                    cells += [f"{mean:.1f}", f"[{low:.1f}, {high:.1f}]", verdict]
+                    values = [r[corpus] for r in rows]
+                    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+                    cells += [
+                        f"{mean:.1f}",
+                        f"[{low:.1f}, {high:.1f}]",
+                        f"{sd:.1f}",
+                        verdict,
+                    ]
                 else:
                     cells += [f"{mean:.1f}", verdict]
             lines.append("| " + " | ".join(cells) + " |")
