@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,18 +42,49 @@ from saap.evaluation.report import evaluate_model
 from saap.gates import evaluate_gates
 from saap.model import compute_dtype, load_model
 from saap.params import load_section
-from saap.runtime.llamacpp import ensure_llamacpp
+from saap.runtime.llamacpp import cpu_flags, ensure_llamacpp
 from stages.bench import gguf_files
 
 SPEED_ESTIMATOR = "median of the per-round log-ratios, bootstrap over rounds"
+
+
+def revision() -> str:
+    """The code revision measured: the commit, marked when the tree differs."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head + (" with uncommitted changes" if dirty else "") if head else ""
+
+
+def machine() -> str:
+    flags = cpu_flags()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return f"{model}, {os.cpu_count()} CPUs, bf16 {'native' if native else 'emulated'}"
 
 
 def report(results: dict, out: Path) -> None:
     lines = [
         "# Gate noise: interval widths and repeated verdicts per profile",
         "",
-        f"Candidate: the `make run` model ({results.get('candidate', 'see params')}) "
-        "against dense SmolLM2-135M; 2 CPU threads. Commands: "
+        "Candidate: the `make run` model (per profile below) against dense "
+        "SmolLM2-135M; 2 CPU threads. Commands: "
         + " then ".join(f"`{c}`" for c in results.get("commands", []))
         + ". Intervals are 95% paired bootstrap intervals (2,000 resamples); the "
         "speedup interval bootstraps the interleaved repeat pairs of one llama.cpp "
@@ -66,6 +100,11 @@ def report(results: dict, out: Path) -> None:
         lines += [
             f"## Profile `{profile}`",
             "",
+            f"- Candidate: {run.get('candidate', results.get('candidate'))}"
+            + (f"; code revision {run['revision']}" if run.get("revision") else "")
+            + (f"; machine: {run['machine']}" if run.get("machine") else "")
+            + ".",
+            *[f"- Note: {note}" for note in run.get("notes", [])],
             f"- Documents: {run['documents']} paired zero-shot documents "
             f"(limit {settings['limit'] or 'none'} per task"
             + (f", caps {limits}" if limits else "")
@@ -192,6 +231,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", help="evaluation profile (not with --speed-only)")
     parser.add_argument("--repeats", type=int, default=1, help="candidate evals")
+    parser.add_argument(
+        "--note",
+        action="append",
+        help="a remark recorded with this profile's run (repeatable)",
+    )
     parser.add_argument("--bench-repeats", type=int, default=3, help="benches")
     parser.add_argument(
         "--dense-metrics",
@@ -243,10 +287,11 @@ def main() -> None:
     results.setdefault("commands", []).append(command)
     prune = load_section("params.yaml", "prune")
     finetune = load_section("params.yaml", "finetune")
-    results["candidate"] = (
+    candidate_label = (
         f"{prune.importance} {prune.ratio:.0%}, allocation {prune.allocation}, "
-        f"recovery {finetune.method} {finetune.max_steps} steps, dtype "
-        f"{compute_dtype()}"
+        f"recovery {finetune.method} {finetune.max_steps} steps"
+        + (f", lr {finetune.learning_rate}" if finetune.learning_rate else "")
+        + f", dtype {compute_dtype()}"
     )
     dense, tokenizer = load_model(args.dense, dtype=compute_dtype())
     candidate, _ = load_model(args.candidate, dtype=compute_dtype())
@@ -279,6 +324,10 @@ def main() -> None:
         "documents": dense_metrics["documents_evaluated"],
         "dense_s": dense_s,
         "speed_estimator": SPEED_ESTIMATOR,
+        "candidate": candidate_label,
+        "revision": revision(),
+        "machine": machine(),
+        "notes": args.note or [],
         "repeats": [],
     }
     results.setdefault("profiles", {})[args.profile] = run
