@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -37,6 +38,7 @@ LOCK = ROOT / "requirements.lock"
 PROJECT = "saap"
 EXTRAS = "dev,services"
 TORCH = "torch==2.13.0"
+BUILD_REQUIRES = "setuptools>=70.1"  # pyproject.toml's build-system
 HEADER = """\
 # requirements.lock: written by `make lock` (python infra/lock.py --resolve).
 # Every distribution of the project's environment (extras: {extras}) at one
@@ -149,9 +151,19 @@ def resolve(base_python: str) -> str:
     _run([base_python, "-m", "venv", str(venv)])
     python = str(venv / "bin" / "python")
     _run([python, "-m", "pip", "install", "-q", TORCH])
-    _run([python, "-m", "pip", "install", "-q", f"{ROOT}[{EXTRAS}]"])
-    _run([python, "-m", "pip", "uninstall", "-y", "-q", PROJECT])
+    # the project's requirements, not the project (building it would write
+    # build/ into the source tree); setuptools for the editable install after
+    _run([python, "-m", "pip", "install", "-q", *declared(), BUILD_REQUIRES])
     return python
+
+
+def declared() -> list[str]:
+    """pyproject.toml's dependencies and those of the locked extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in EXTRAS.split(","):
+        requirements += project["optional-dependencies"][extra]
+    return requirements
 
 
 def main() -> None:

@@ -120,11 +120,13 @@ class Postgres:
             "start",
         )
         for database in ("mlflow", "prefect"):
-            self._run(
-                "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                database,
-            )  # fmt: skip
+            self.create_database(database)
         return self
+
+    def create_database(self, name: str) -> None:
+        self._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name
+        )  # fmt: skip
 
     def url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://{self.user}@127.0.0.1:{self.port}/{database}"

@@ -282,3 +282,96 @@ def test_killed_worker_leaves_everything_then_next_run_completes(
     assert len(client.search_model_versions(f"name='{name}'")) == versions + 1
     plan = json.loads((project / "artifacts/plan/plan.json").read_text())
     assert plan["ratio_requested"] == pytest.approx(0.25)
+
+
+def _status(url: str, login: tuple[str, str] | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if login:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+LOG_A_RUN = """
+import pathlib, mlflow
+mlflow.set_experiment("compose")
+with mlflow.start_run() as run:
+    mlflow.log_param("from", "infra/mlflow-server.sh")
+    pathlib.Path("note.txt").write_text("logged through basic auth")
+    mlflow.log_artifact("note.txt")
+print(run.info.run_id)
+"""
+
+
+def test_the_compose_mlflow_server_needs_a_login(services, tmp_path):
+    """infra/mlflow-server.sh, the command of the compose file's `mlflow`
+    service, on the services' PostgreSQL and S3: anonymous and wrong logins are
+    refused (401), the admin gets in, and a client logged in through
+    MLFLOW_TRACKING_USERNAME/PASSWORD logs a run whose artifact lands in S3."""
+    import secrets
+
+    from tests.services.servers import free_port, start, stop, wait_http
+
+    for database in ("mlflow_compose", "mlflow_compose_auth"):
+        services.postgres.create_database(database)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    password = "admin-" + secrets.token_hex(8)
+    env = services.env(
+        MLFLOW_BACKEND_STORE_URI=services.postgres.url("mlflow_compose"),
+        MLFLOW_AUTH_DATABASE_URI=services.postgres.url("mlflow_compose_auth"),
+        MLFLOW_ARTIFACTS_DESTINATION="s3://mlflow/compose",
+        MLFLOW_AUTH_ADMIN_USERNAME="admin",
+        MLFLOW_AUTH_ADMIN_PASSWORD=password,
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+        MLFLOW_HOST="127.0.0.1",
+        MLFLOW_PORT=str(port),
+        MLFLOW_WORKERS="1",
+    )
+    log = tmp_path / "mlflow-compose.log"
+    root = Path(__file__).resolve().parents[2]
+    process = start(["sh", str(root / "infra/mlflow-server.sh")], log, env=env)
+    try:
+        wait_http(f"{url}/health", process, "infra/mlflow-server.sh", log)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search) == 401
+        assert _status(search, ("admin", "not-the-password")) == 401
+        assert _status(search, ("admin", password)) == 200
+        client_env = dict(
+            env,
+            MLFLOW_TRACKING_URI=url,
+            MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=password,
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", LOG_A_RUN],
+            env=client_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_id = result.stdout.strip().splitlines()[-1]
+        keys = services.keys("mlflow", "compose/")
+        assert any(k.endswith(f"{run_id}/artifacts/note.txt") for k in keys), keys
+        anonymous = subprocess.run(
+            [sys.executable, "-c", LOG_A_RUN],
+            env=dict(env, MLFLOW_TRACKING_URI=url),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert anonymous.returncode != 0
+        assert "401" in anonymous.stderr or "Unauthorized" in anonymous.stderr
+    finally:
+        stop(process)
