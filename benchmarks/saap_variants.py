@@ -285,7 +285,13 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(
         json.dumps(
-            {"results": results, "dense": dense, "seconds": seconds, "sigmas": sigmas},
+            {
+                "results": results,
+                "dense": dense,
+                "seconds": seconds,
+                "sigmas": sigmas,
+                "samples": calib_shape[0],
+            },
             indent=1,
         )
     )
