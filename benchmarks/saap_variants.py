@@ -202,7 +202,10 @@ def main() -> None:
                 row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
                 results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)
                 print(f"{ratio} {label} seed {seed}: {row}", flush=True)
-                del pruned
+                del pruned, grams
+        # free this seed's statistics before the next seed's pass builds its own
+        # (otherwise two seeds' live at once: the 128-window run hit 23.9 GB)
+        del stats, scores
     write_report(args, results, dense, seconds, sigmas, windows.shape)
 
 
