@@ -33,14 +33,13 @@ import torch
 import yaml
 
 from saap.calibration import load_calibration
-from saap.compensation import plan_grams
 from saap.evaluation.intervals import paired_ratio, perplexity_ratio
 from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
 from saap.methods import build_arm_plan, prune_params_for
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import FinetuneParams, load_section
-from saap.prune import prune_model
+from saap.prune import prune_compensated
 from saap.recovery import RecoveryData, recover
 from saap.scores import load_scores
 from stages.finetune import read_records
@@ -171,9 +170,7 @@ def main() -> None:
         )
         plan = build_arm_plan(scores, layer_shapes(base), count_params(base), params)
         # the compensation the plan asks for, as the prune stage applies it
-        means = scores.input_means if plan.bias_compensation else None
-        grams = plan_grams(base, plan, calibration) if plan.least_squares else None
-        pruned = prune_model(base, plan, means, grams)
+        pruned = prune_compensated(base, plan, calibration, scores.input_means)
         arms = [("none", 0)] + [
             (m, int(b))
             for b in args.budgets.split(",")

@@ -28,7 +28,6 @@ import torch
 from transformers import AutoTokenizer
 
 from saap.calibration import make_calibration
-from saap.compensation import plan_grams
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
@@ -37,7 +36,7 @@ from saap.iterative import iterative_plan
 from saap.methods import build_arm_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, load_section
-from saap.prune import prune_model
+from saap.prune import prune_compensated, record_compensation
 from saap.scores import scores_from_stats
 from saap.sensitivity import measure_sensitivity
 
@@ -68,6 +67,16 @@ VARIANTS: dict[str, dict] = {
     ),
     "SAAP element1+wanda_sp, + least squares": dict(
         saap_metrics=MIXED, least_squares=True
+    ),
+    # each layer refitted on the pruned model's own hidden states, in layer order
+    "SAAP element1+wanda_sp, + sequential least squares": dict(
+        saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned"
+    ),
+    "SAAP element1+wanda_sp, + sequential least squares, ridge 0.1": dict(
+        saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned", ridge=0.1
+    ),
+    "SAAP element1+wanda_sp, + sequential least squares to dense outputs": dict(
+        saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned_to_dense"
     ),
     "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
     # one shot against two steps with re-scoring (attention pruned in both)
@@ -190,19 +199,17 @@ def main() -> None:
                         model, windows, params, scores, batch_size, False
                     )
                     plan.prune_attention = params.prune_attention
-                    plan.least_squares = params.least_squares or None
-                    plan.ridge = params.ridge
-                    plan.bias_compensation = params.bias_compensation
+                    record_compensation(plan, params)
                 else:
                     plan = build_arm_plan(scores, shapes, total, params, measure)
-                means = scores.input_means if plan.bias_compensation else None
-                grams = plan_grams(model, plan, windows) if plan.least_squares else None
-                pruned = prune_model(model, plan, means, grams).to(dtype)
+                pruned = prune_compensated(model, plan, windows, scores.input_means).to(
+                    dtype
+                )
                 row = {c: perplexity(pruned, w) for c, w in corpora.items()}
                 row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
                 results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)
                 print(f"{ratio} {label} seed {seed}: {row}", flush=True)
-                del pruned, grams
+                del pruned
         # free this seed's statistics before the next seed's pass builds its own
         # (otherwise two seeds' live at once: the 128-window run hit 23.9 GB)
         del stats, scores

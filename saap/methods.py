@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from saap.errors import PruningError
 from saap.params import CompareParams, PruneParams
 from saap.plan import Plan, plan_from_scores
+from saap.prune import record_compensation
 from saap.registry import Registry
 
 
@@ -99,9 +100,7 @@ def build_arm_plan(
             scores, shapes, total, params, None, measure_sensitivity
         )
     plan.prune_attention = params.prune_attention
-    plan.bias_compensation = params.bias_compensation
-    plan.least_squares = params.least_squares or None
-    plan.ridge = params.ridge if params.least_squares else None
+    record_compensation(plan, params)
     return plan
 
 

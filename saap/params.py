@@ -182,6 +182,15 @@ class PruneParams(Section):
         description="Ridge of the least-squares refit, relative to the mean "
         "diagonal of the kept channels' input Gram matrix.",
     )
+    least_squares_inputs: Literal["dense", "pruned", "pruned_to_dense"] = Field(
+        "dense",
+        description="Inputs of the least-squares refit: 'dense' fits every "
+        "projection on the dense model's inputs (one pass); 'pruned' refits the "
+        "layers in order on the hidden states the pruned model gives them "
+        "(earlier layers already refitted), to the dense projection's output on "
+        "those states; 'pruned_to_dense' the same, to the dense model's own "
+        "outputs (saap/compensation.py: sequential_refit).",
+    )
     iterations: int = Field(
         1,
         ge=1,

@@ -79,6 +79,7 @@ _OPTIONAL = (
     "bias_compensation",
     "least_squares",
     "ridge",
+    "least_squares_inputs",
     "sensitivity",
     "seed",
 )
@@ -112,6 +113,7 @@ class Plan:
     bias_compensation: bool | None = None
     least_squares: bool | None = None
     ridge: float | None = None
+    least_squares_inputs: str | None = None
     # measured layer sensitivities (the sensitivity allocation)
     sensitivity: dict | None = None
     seed: int | None = None

@@ -15,12 +15,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from saap.compensation import InputGram, least_squares_refit
+from saap.compensation import (
+    InputGram,
+    least_squares_refit,
+    plan_grams,
+    sequential_refit,
+)
 from saap.errors import PruningError
 from saap.model import LayerShape, decoder_layers, layer_shapes, to_saap_config
 from saap.modeling_saap_llama import SaapLlamaForCausalLM
 
 if TYPE_CHECKING:
+    from saap.params import PruneParams
     from saap.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ def prune_model(
     plan: Plan,
     input_means: list[dict[str, torch.Tensor]] | None = None,
     grams: dict[int, dict[str, InputGram]] | None = None,
+    bias_for_cut: bool = False,
 ) -> SaapLlamaForCausalLM:
     """A new, smaller model with the plan's heads and channels kept.
 
@@ -79,7 +86,9 @@ def prune_model(
     the removed input channels are compensated by a bias (FLAP): ``b += W[:, removed]
     @ mean[removed]``. With ``grams`` (:func:`saap.compensation.input_grams` of
     the plan's layers) the kept columns and the bias are refitted by ridge least
-    squares instead (``plan.ridge``; saap/compensation.py).
+    squares instead (``plan.ridge``; saap/compensation.py). With
+    ``bias_for_cut`` every projection that loses input channels gets a bias
+    (zero where it had none), for a refit that follows.
     """
     shapes = layer_shapes(model)
     if len(plan.layers) != len(shapes):
@@ -119,6 +128,9 @@ def prune_model(
                 )
                 return _new_linear(weight, bias)
             bias = linear.bias.clone() if linear.bias is not None else None
+            cut = len(kept) < linear.weight.shape[1]
+            if bias is None and bias_for_cut and cut:
+                bias = torch.zeros(linear.weight.shape[0], dtype=linear.weight.dtype)
             if mean is not None:
                 removed = torch.ones(linear.weight.shape[1], dtype=torch.bool)
                 removed[kept] = False
@@ -202,4 +214,62 @@ def prune_model(
     pruned.model.rotary_emb = rebuilt
     pruned.to(dtype)
     pruned.eval()
+    return pruned
+
+
+def record_compensation(plan: Plan, params: PruneParams) -> None:
+    """Write the prune section's compensation settings into ``plan``, where
+    :func:`prune_compensated` (the prune stage) reads them."""
+    plan.bias_compensation = params.bias_compensation
+    plan.least_squares = params.least_squares or None
+    plan.ridge = params.ridge if params.least_squares else None
+    plan.least_squares_inputs = (
+        params.least_squares_inputs if params.least_squares else None
+    )
+
+
+def prune_compensated(
+    model: PreTrainedModel,
+    plan: Plan,
+    windows: torch.Tensor | None = None,
+    input_means: list[dict[str, torch.Tensor]] | None = None,
+) -> SaapLlamaForCausalLM:
+    """The plan replayed on ``model`` with the compensation the plan records:
+    FLAP's bias (``input_means``, from the importance statistics), or the
+    least-squares refit on the calibration ``windows``, fitted on the dense
+    model's inputs or, with ``least_squares_inputs: pruned``, layer after layer
+    on the pruned model's own (saap/compensation.py)."""
+    if not plan.least_squares:
+        means = input_means if plan.bias_compensation else None
+        if plan.bias_compensation and means is None:
+            raise PruningError(
+                "the plan asks for bias compensation, which needs the importance "
+                "statistics' input means: pass the importance artifacts"
+            )
+        return prune_model(model, plan, means)
+    if windows is None:
+        raise PruningError(
+            "the plan asks for least-squares compensation, which needs the "
+            "calibration windows: pass them (the prune stage: --calibration "
+            "data/calibration)"
+        )
+    ridge = plan.ridge or 1.0
+    inputs = plan.least_squares_inputs or "dense"
+    if inputs == "dense":
+        return prune_model(model, plan, None, plan_grams(model, plan, windows))
+    targets = {"pruned": "self", "pruned_to_dense": "dense"}
+    if inputs not in targets:
+        raise PruningError(
+            f"least_squares_inputs {inputs!r} is not known; use 'dense', 'pruned' "
+            "or 'pruned_to_dense'"
+        )
+    pruned = prune_model(model, plan, bias_for_cut=True)
+    report = sequential_refit(model, pruned, plan, windows, ridge, targets[inputs])
+    if report:
+        log.info(
+            "sequential refit of %d projections: relative error %.4f -> %.4f (mean)",
+            len(report),
+            sum(r["error_before"] for r in report) / len(report),
+            sum(r["error_after"] for r in report) / len(report),
+        )
     return pruned

@@ -28,7 +28,6 @@ import torch
 
 from saap.atomic import atomic_dir, write_json
 from saap.calibration import load_calibration
-from saap.compensation import plan_grams
 from saap.errors import DataError, SaapError
 from saap.evaluation.bench import benchmark_with
 from saap.evaluation.report import evaluate_model
@@ -56,7 +55,7 @@ from saap.params import (
     PruneParams,
     load_section,
 )
-from saap.prune import prune_model
+from saap.prune import prune_compensated
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.compare")
@@ -195,13 +194,11 @@ def run_arm(
         plan = build_arm_plan(
             scores, shapes, total, prune_params.model_copy(update={"seed": seed})
         )
-        means = scores.input_means if plan.bias_compensation else None
-        grams = None
+        windows = None
         if plan.least_squares:
             # the seed's calibration windows are saved beside its scores
             windows = load_calibration(importance_dirs[seed])["input_ids"]
-            grams = plan_grams(base_model, plan, windows)
-        pruned = prune_model(base_model, plan, means, grams)
+        pruned = prune_compensated(base_model, plan, windows, scores.input_means)
         prune_s = time.perf_counter() - started
         plan.seed = seed
         (plans_out / f"plan-seed{seed}.json").write_text(plan.dumps())

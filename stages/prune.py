@@ -14,11 +14,10 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
-from saap.compensation import plan_grams
 from saap.errors import DataError
 from saap.model import count_params, load_model, save_checkpoint
 from saap.plan import load_plan
-from saap.prune import prune_model
+from saap.prune import prune_compensated
 from saap.scores import load_scores
 from stages.common import guarded, setup
 
@@ -35,7 +34,7 @@ def run(
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
     means = load_scores(importance_dir).input_means if plan.bias_compensation else None
-    grams = None
+    windows = None
     if plan.least_squares:
         if calibration_dir is None:
             raise DataError(
@@ -43,8 +42,7 @@ def run(
                 "calibration windows: pass --calibration data/calibration"
             )
         windows = load_calibration(calibration_dir)["input_ids"]
-        grams = plan_grams(model, plan, windows)
-    pruned = prune_model(model, plan, means, grams)
+    pruned = prune_compensated(model, plan, windows, means)
     summary = {
         "base_params": count_params(model),
         "pruned_params": count_params(pruned),
@@ -53,6 +51,7 @@ def run(
         "allocation": plan.allocation,
         "bias_compensation": bool(plan.bias_compensation),
         "least_squares": bool(plan.least_squares),
+        "least_squares_inputs": plan.least_squares_inputs,
     }
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(pruned, tokenizer, tmp, extra=summary)

@@ -21,7 +21,7 @@ from saap.iterative import iterative_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
-from saap.prune import prune_model
+from saap.prune import prune_model, record_compensation
 from saap.scores import load_scores
 from saap.sensitivity import measure_sensitivity
 from stages.common import guarded, setup
@@ -72,9 +72,7 @@ def run(
             scores, layer_shapes(model), count_params(model), params, holdout, measure
         )
     plan.base_model = str(model_dir)
-    plan.bias_compensation = params.bias_compensation
-    plan.least_squares = params.least_squares or None
-    plan.ridge = params.ridge if params.least_squares else None
+    record_compensation(plan, params)
     return plan
 
 

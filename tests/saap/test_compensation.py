@@ -11,7 +11,7 @@ from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import PruneParams
 from saap.plan import plan_from_scores
-from saap.prune import prune_model
+from saap.prune import prune_compensated, prune_model
 from saap.scores import scores_from_stats
 
 pytestmark = pytest.mark.unit
@@ -20,15 +20,15 @@ pytestmark = pytest.mark.unit
 def flap_plan(model, windows, **overrides):
     stats = collect_for(model, windows, 2, ["flap"], progress=False)
     scores = scores_from_stats(stats, ["flap"], 0, {"num_layers": 4})
-    params = PruneParams(
+    settings = dict(
         ratio=0.25,
         skip_first=1,
         skip_last=1,
         prune_attention=True,
         importance="flap",
         allocation="global",
-        **overrides,
     )
+    params = PruneParams(**(settings | overrides))
     plan = plan_from_scores(scores, layer_shapes(model), count_params(model), params)
     plan.ridge = params.ridge
     return plan, scores
@@ -100,3 +100,177 @@ def test_least_squares_beats_bias_compensation(tiny_model_dir, windows, ridge):
         err_bias = (bias_only(windows).logits - dense).square().mean()
         err_ls = (refit(windows).logits - dense).square().mean()
     assert err_ls < err_bias
+
+
+def projection_io(model, windows, part):
+    """Per decoder layer, the input and output of ``part`` as (tokens, C)."""
+    captured = {}
+
+    def keep(index):
+        def hook(_module, args, output):
+            x = args[0].detach()
+            captured[index] = (
+                x.reshape(-1, x.shape[-1]),
+                output.detach().flatten(0, 1),
+            )
+
+        return hook
+
+    hooks = [
+        layer.get_submodule(part).register_forward_hook(keep(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def mlp_plan(model, windows, inputs, ridge):
+    plan, scores = flap_plan(
+        model, windows, prune_attention=False, least_squares=True, ridge=ridge
+    )
+    plan.least_squares = True
+    plan.least_squares_inputs = inputs
+    return plan, scores
+
+
+@pytest.mark.parametrize("inputs", ["pruned", "pruned_to_dense"])
+def test_sequential_refit_of_the_first_cut_layer_is_the_dense_refit(
+    tiny_model_dir, windows, inputs
+):
+    """MLP channels only: the first cut layer's down_proj sees exactly the dense
+    inputs of its kept channels, so both refits agree there; later layers see
+    the pruned model's drift, and the sequential refit differs."""
+    model, _ = load_model(tiny_model_dir)
+    plan, _ = mlp_plan(model, windows, inputs, 1e-2)
+    cut = [i for i, e in enumerate(plan.layers) if e.ratio > 0]
+    assert len(cut) >= 2, cut
+    sequential = prune_compensated(model, plan, windows)
+    plan.least_squares_inputs = "dense"
+    dense_fit = prune_compensated(model, plan, windows)
+    first, later = cut[0], cut[1]
+    a = sequential.model.layers[first].mlp.down_proj
+    b = dense_fit.model.layers[first].mlp.down_proj
+    assert torch.allclose(a.weight, b.weight, atol=1e-4)
+    assert torch.allclose(a.bias, b.bias, atol=1e-4)
+    a = sequential.model.layers[later].mlp.down_proj
+    b = dense_fit.model.layers[later].mlp.down_proj
+    assert not torch.allclose(a.weight, b.weight, atol=1e-4)
+
+
+def mlp_inputs(model, windows):
+    """Per decoder layer, the input of the MLP block (after its norm) as (tokens,
+    hidden)."""
+    captured = {}
+
+    def keep(index):
+        def hook(_module, args):
+            captured[index] = args[0].detach().flatten(0, 1)
+
+        return hook
+
+    hooks = [
+        layer.mlp.register_forward_pre_hook(keep(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def down_errors(candidates, index, x, target):
+    errors = {}
+    for name, candidate in candidates.items():
+        linear = candidate.model.layers[index].mlp.down_proj
+        with torch.no_grad():
+            errors[name] = float((linear(x) - target).square().sum())
+    return errors
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 1e-2])
+def test_sequential_refit_is_the_best_fit_on_the_pruned_states(
+    tiny_model_dir, windows, ridge
+):
+    """``pruned``: on the MLP inputs of the pruned model itself, each refitted
+    down_proj reproduces what the dense MLP's down_proj gives on those inputs (all
+    channels) at least as well as the dense-input refit and the plain slice."""
+    model, _ = load_model(tiny_model_dir)
+    plan, _ = mlp_plan(model, windows, "pruned", ridge)
+    candidates = {"sequential": prune_compensated(model, plan, windows)}
+    plan.least_squares_inputs = "dense"
+    candidates["dense"] = prune_compensated(model, plan, windows)
+    candidates["plain"] = prune_model(model, plan)
+    states = mlp_inputs(candidates["sequential"], windows)
+    slack = 1 + 1e-4 if ridge < 1e-4 else 1 + 1e-2
+    for index, entry in enumerate(plan.layers):
+        if entry.ratio == 0:
+            continue
+        mlp = model.model.layers[index].mlp
+        with torch.no_grad():
+            full = mlp.act_fn(mlp.gate_proj(states[index])) * mlp.up_proj(states[index])
+            target = mlp.down_proj(full)
+        x = full[:, torch.as_tensor(entry.kept_channels)]
+        errors = down_errors(candidates, index, x, target)
+        assert errors["sequential"] <= errors["dense"] * slack, (index, errors)
+        assert errors["sequential"] < errors["plain"], (index, errors)
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 1e-2])
+def test_sequential_refit_to_dense_outputs_is_the_best_fit_of_them(
+    tiny_model_dir, windows, ridge
+):
+    """``pruned_to_dense``: on the inputs each down_proj gets in the pruned
+    model, the refit reconstructs the dense model's own down_proj output at
+    least as well as the dense-input refit and the plain slice, and the logits
+    on the calibration windows come closer to the dense ones."""
+    model, _ = load_model(tiny_model_dir)
+    plan, _ = mlp_plan(model, windows, "pruned_to_dense", ridge)
+    candidates = {"sequential": prune_compensated(model, plan, windows)}
+    plan.least_squares_inputs = "dense"
+    candidates["dense"] = prune_compensated(model, plan, windows)
+    candidates["plain"] = prune_model(model, plan)
+    targets = projection_io(model, windows, "mlp.down_proj")
+    inputs = projection_io(candidates["sequential"], windows, "mlp.down_proj")
+    slack = 1 + 1e-4 if ridge < 1e-4 else 1 + 1e-2
+    for index, entry in enumerate(plan.layers):
+        if entry.ratio == 0:
+            continue
+        errors = down_errors(candidates, index, inputs[index][0], targets[index][1])
+        assert errors["sequential"] <= errors["dense"] * slack, (index, errors)
+        assert errors["sequential"] < errors["plain"], (index, errors)
+    with torch.no_grad():
+        dense = model(windows).logits
+        err_seq = (candidates["sequential"](windows).logits - dense).square().mean()
+        err_dense = (candidates["dense"](windows).logits - dense).square().mean()
+    assert err_seq < err_dense
+
+
+def test_sequential_refit_saves_and_reloads(tiny_model_dir, windows, tmp_path):
+    """A projection without a bias gets one for the refit; the checkpoint's config
+    records it, so the saved model reloads with the same logits."""
+    from saap.model import save_checkpoint
+
+    model, tokenizer = load_model(tiny_model_dir)
+    plan, _ = mlp_plan(model, windows, "pruned", 1.0)
+    assert "least_squares_inputs" in plan.to_json()
+    pruned = prune_compensated(model, plan, windows)
+    save_checkpoint(pruned, tokenizer, tmp_path / "m")
+    again, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(pruned(windows).logits, again(windows).logits, atol=1e-5)
+
+
+def test_least_squares_without_windows_says_what_to_pass(tiny_model_dir, windows):
+    from saap.errors import PruningError
+
+    model, _ = load_model(tiny_model_dir)
+    plan, _ = mlp_plan(model, windows, "pruned", 1.0)
+    with pytest.raises(PruningError, match="calibration windows"):
+        prune_compensated(model, plan, None)
+    plan.least_squares_inputs = "sideways"
+    with pytest.raises(PruningError, match="'sideways'.*'dense', 'pruned'"):
+        prune_compensated(model, plan, windows)
