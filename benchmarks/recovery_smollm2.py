@@ -126,7 +126,8 @@ def main() -> None:
     base, tokenizer = load_model(args.model, dtype=torch.float32)
     teacher = copy.deepcopy(base).to(dtype)
     scores = load_scores(args.importance)
-    calibration = load_calibration(args.calibration)["input_ids"]
+    tensors = load_calibration(args.calibration)
+    calibration, holdout = tensors["input_ids"], tensors.get("holdout_ids")
     records = read_records(args.data)
     finetune = load_section(args.params, "finetune")
     train, val = split_records(records, finetune.val_size, finetune.seed)
@@ -170,7 +171,7 @@ def main() -> None:
         )
         plan = build_arm_plan(scores, layer_shapes(base), count_params(base), params)
         # the compensation the plan asks for, as the prune stage applies it
-        pruned = prune_compensated(base, plan, calibration, scores.input_means)
+        pruned = prune_compensated(base, plan, calibration, scores.input_means, holdout)
         arms = [("none", 0)] + [
             (m, int(b))
             for b in args.budgets.split(",")

@@ -75,6 +75,13 @@ VARIANTS: dict[str, dict] = {
     "SAAP element1+wanda_sp, + sequential least squares, ridge 0.1": dict(
         saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned", ridge=0.1
     ),
+    # each projection's ridge chosen on the seed's held-back windows
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen": dict(
+        saap_metrics=MIXED,
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+    ),
     "SAAP element1+wanda_sp, + sequential least squares to dense outputs": dict(
         saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned_to_dense"
     ),
@@ -202,9 +209,9 @@ def main() -> None:
                     record_compensation(plan, params)
                 else:
                     plan = build_arm_plan(scores, shapes, total, params, measure)
-                pruned = prune_compensated(model, plan, windows, scores.input_means).to(
-                    dtype
-                )
+                pruned = prune_compensated(
+                    model, plan, windows, scores.input_means, holdout
+                ).to(dtype)
                 row = {c: perplexity(pruned, w) for c, w in corpora.items()}
                 row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
                 results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)

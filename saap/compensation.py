@@ -259,6 +259,49 @@ def _kept_inputs(entry, which: str, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
+class _Stream:
+    """Hidden states of the dense and the pruned model entering the current
+    layer, for one set of windows."""
+
+    def __init__(self, dense: nn.Module, pruned: nn.Module, windows, track_dense):
+        self.h_pruned, self.kw_pruned = first_layer_inputs(pruned, windows)
+        self.track_dense = track_dense
+        if track_dense:
+            self.h_dense, self.kw_dense = first_layer_inputs(dense, windows)
+
+    def fit_data(self, target, which, dense_layer, layer, kept):
+        """``(x, y)``: the pruned projection's inputs and the target outputs."""
+        name = "self_attn.o_proj" if which == "o" else "mlp.down_proj"
+        reference = dense_layer.get_submodule(name)
+        if target == "dense":
+            _, y = _projection_io(dense_layer, self.h_dense, self.kw_dense, reference)
+            x, _ = _projection_io(
+                layer, self.h_pruned, self.kw_pruned, layer.get_submodule(name)
+            )
+            return x, y
+        # the dense projection's full input from the pruned hidden states:
+        # attention of all heads on this layer's input, or the MLP's channels on
+        # the MLP input that the pruned (refitted) attention gives
+        if which == "o":
+            x_full, y = _projection_io(
+                dense_layer, self.h_pruned, self.kw_pruned, reference
+            )
+        else:
+            h_mlp = _module_input(layer, self.h_pruned, self.kw_pruned, layer.mlp)
+            x_full, y = _projection_io(dense_layer.mlp, h_mlp, {}, reference)
+        return x_full[:, kept], y
+
+    def advance(self, dense_layer, layer) -> None:
+        if self.track_dense:
+            self.h_dense = _run_layer(dense_layer, self.h_dense, self.kw_dense)
+        if layer is not None:
+            self.h_pruned = _run_layer(layer, self.h_pruned, self.kw_pruned)
+
+
+def _error(linear_w, linear_b, x, y) -> float:
+    return float((x @ linear_w.T + linear_b - y).square().sum())
+
+
 @torch.no_grad()
 def sequential_refit(
     dense: nn.Module,
@@ -267,6 +310,8 @@ def sequential_refit(
     windows: torch.Tensor,
     ridge: float,
     target: str = "self",
+    ridges: list[float] | None = None,
+    holdout: torch.Tensor | None = None,
 ) -> list[dict]:
     """Refit, in place and in layer order, the o_proj and down_proj of ``pruned``
     that lost input channels under ``plan``, each on the hidden states the pruned
@@ -279,10 +324,17 @@ def sequential_refit(
     - ``dense``: the dense projection's output on the dense model's hidden states,
       so each refit also tries to undo the error of the layers before it.
 
-    Returns, per refitted projection, its relative reconstruction error of the
-    target on those inputs before and after the refit."""
+    With ``ridges`` and ``holdout`` windows, each projection takes the ridge of
+    the list whose fit reconstructs the target best on the held-back windows
+    (carried through the pruned model alongside); ``ridge`` otherwise.
+
+    Returns, per refitted projection, the ridge used and the relative
+    reconstruction error of the target on the fit inputs before and after the
+    refit (and on the held-back ones, where given)."""
     if target not in ("self", "dense"):
         raise ValueError(f"target {target!r}: use 'self' or 'dense'")
+    if ridges and holdout is None:
+        raise ValueError("choosing the ridge from a list needs held-back windows")
     dense_layers = decoder_layers(dense)
     pruned_layers = decoder_layers(pruned)
     if len(dense_layers) != len(plan.layers):
@@ -290,62 +342,61 @@ def sequential_refit(
             f"plan has {len(plan.layers)} layers, the dense model {len(dense_layers)}"
         )
     head_dim = dense_layers[0].self_attn.head_dim
-    h_dense, kw_dense = first_layer_inputs(dense, windows)
-    h_pruned, kw_pruned = first_layer_inputs(pruned, windows)
+    track = target == "dense"
+    fit = _Stream(dense, pruned, windows, track)
+    check = _Stream(dense, pruned, holdout, track) if ridges else None
     report = []
     j = 0
     for index, entry in enumerate(plan.layers):
         dense_layer = dense_layers[index]
         if entry.removed:
-            if target == "dense":
-                h_dense = _run_layer(dense_layer, h_dense, kw_dense)
+            for stream in (fit, check):
+                if stream is not None:
+                    stream.advance(dense_layer, None)
             continue
         layer = pruned_layers[j]
         j += 1
         for which, name in (("o", "self_attn.o_proj"), ("down", "mlp.down_proj")):
             linear = layer.get_submodule(name)
-            reference = dense_layer.get_submodule(name)
-            if linear.in_features == reference.in_features:
+            if linear.in_features == dense_layer.get_submodule(name).in_features:
                 continue  # nothing cut
-            if target == "self":
-                # the dense projection's full input from the pruned hidden states:
-                # attention of all heads on this layer's input, or the MLP's
-                # channels on the MLP input the pruned (refitted) attention gives
-                if which == "o":
-                    x_full, y = _projection_io(
-                        dense_layer, h_pruned, kw_pruned, reference
-                    )
-                else:
-                    h_mlp = _module_input(layer, h_pruned, kw_pruned, layer.mlp)
-                    x_full, y = _projection_io(dense_layer.mlp, h_mlp, {}, reference)
-                x = x_full[:, _kept_inputs(entry, which, head_dim)]
-                y_before = linear(x)
-            else:
-                _, y = _projection_io(dense_layer, h_dense, kw_dense, reference)
-                x, y_before = _projection_io(layer, h_pruned, kw_pruned, linear)
+            kept = _kept_inputs(entry, which, head_dim)
+            x, y = fit.fit_data(target, which, dense_layer, layer, kept)
             x64, y64 = x.double(), y.double()
-            new_w, new_b = ridge_solve(
+            moments = (
                 x64.T @ x64,
                 x64.sum(0),
                 float(x64.shape[0]),
                 y64.T @ x64,
                 y64.sum(0),
                 linear.weight.double(),
-                ridge,
             )
-            _set_linear(linear, new_w, new_b)
+            w0 = linear.weight.double()
+            b0 = (
+                linear.bias.double()
+                if linear.bias is not None
+                else torch.zeros(w0.shape[0], dtype=torch.float64)
+            )
+            row = {"layer": index, "projection": which}
+            candidates = ridges or [ridge]
+            fits = [ridge_solve(*moments, r) for r in candidates]
+            chosen = 0
+            if check is not None:
+                xh, yh = check.fit_data(target, which, dense_layer, layer, kept)
+                xh, yh = xh.double(), yh.double()
+                errors = [_error(w, b, xh, yh) for w, b in fits]
+                chosen = min(range(len(fits)), key=errors.__getitem__)
+                scale_h = float(yh.square().sum().clamp_min(1e-30))
+                row["holdout_before"] = _error(w0, b0, xh, yh) / scale_h
+                row["holdout_after"] = errors[chosen] / scale_h
+            new_w, new_b = fits[chosen]
             scale = float(y64.square().sum().clamp_min(1e-30))
-            after = linear(x).double()
-            report.append(
-                {
-                    "layer": index,
-                    "projection": which,
-                    "error_before": float((y_before.double() - y64).square().sum())
-                    / scale,
-                    "error_after": float((after - y64).square().sum()) / scale,
-                }
-            )
-        if target == "dense":
-            h_dense = _run_layer(dense_layer, h_dense, kw_dense)
-        h_pruned = _run_layer(layer, h_pruned, kw_pruned)
+            row["ridge"] = candidates[chosen]
+            row["error_before"] = _error(w0, b0, x64, y64) / scale
+            row["error_after"] = _error(new_w, new_b, x64, y64) / scale
+            _set_linear(linear, new_w, new_b)
+            report.append(row)
+        for stream in (fit, check):
+            if stream is not None:
+                stream.advance(dense_layer, layer)
     return report

@@ -191,6 +191,13 @@ class PruneParams(Section):
         "those states; 'pruned_to_dense' the same, to the dense model's own "
         "outputs (saap/compensation.py: sequential_refit).",
     )
+    ridge_grid: list[Annotated[float, Field(gt=0.0)]] | None = Field(
+        None,
+        description="With least_squares_inputs 'pruned' or 'pruned_to_dense': "
+        "each projection takes the ridge of this list whose refit reconstructs "
+        "best on the held-back calibration windows (calibration.holdout_samples); "
+        "null = `ridge` everywhere.",
+    )
     iterations: int = Field(
         1,
         ge=1,

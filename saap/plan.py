@@ -80,6 +80,7 @@ _OPTIONAL = (
     "least_squares",
     "ridge",
     "least_squares_inputs",
+    "ridge_grid",
     "sensitivity",
     "seed",
 )
@@ -114,6 +115,7 @@ class Plan:
     least_squares: bool | None = None
     ridge: float | None = None
     least_squares_inputs: str | None = None
+    ridge_grid: list[float] | None = None
     # measured layer sensitivities (the sensitivity allocation)
     sensitivity: dict | None = None
     seed: int | None = None

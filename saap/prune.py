@@ -9,6 +9,7 @@ weights; a plan that keeps everything gives the base model's logits.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -226,6 +227,10 @@ def record_compensation(plan: Plan, params: PruneParams) -> None:
     plan.least_squares_inputs = (
         params.least_squares_inputs if params.least_squares else None
     )
+    sequential = params.least_squares and params.least_squares_inputs != "dense"
+    plan.ridge_grid = (
+        list(params.ridge_grid) if sequential and params.ridge_grid else None
+    )
 
 
 def prune_compensated(
@@ -233,12 +238,14 @@ def prune_compensated(
     plan: Plan,
     windows: torch.Tensor | None = None,
     input_means: list[dict[str, torch.Tensor]] | None = None,
+    holdout: torch.Tensor | None = None,
 ) -> SaapLlamaForCausalLM:
     """The plan replayed on ``model`` with the compensation the plan records:
     FLAP's bias (``input_means``, from the importance statistics), or the
     least-squares refit on the calibration ``windows``, fitted on the dense
     model's inputs or, with ``least_squares_inputs: pruned``, layer after layer
-    on the pruned model's own (saap/compensation.py)."""
+    on the pruned model's own (saap/compensation.py); a plan with a
+    ``ridge_grid`` also needs the held-back calibration windows (``holdout``)."""
     if not plan.least_squares:
         means = input_means if plan.bias_compensation else None
         if plan.bias_compensation and means is None:
@@ -263,13 +270,30 @@ def prune_compensated(
             f"least_squares_inputs {inputs!r} is not known; use 'dense', 'pruned' "
             "or 'pruned_to_dense'"
         )
+    if plan.ridge_grid and (holdout is None or not len(holdout)):
+        raise PruningError(
+            f"prune.ridge_grid {plan.ridge_grid} chooses each ridge on held-back "
+            "windows and none were given: set calibration.holdout_samples > 0 (and "
+            "pass them), or set prune.ridge_grid: null"
+        )
     pruned = prune_model(model, plan, bias_for_cut=True)
-    report = sequential_refit(model, pruned, plan, windows, ridge, targets[inputs])
+    report = sequential_refit(
+        model,
+        pruned,
+        plan,
+        windows,
+        ridge,
+        targets[inputs],
+        plan.ridge_grid,
+        holdout if plan.ridge_grid else None,
+    )
     if report:
         log.info(
-            "sequential refit of %d projections: relative error %.4f -> %.4f (mean)",
+            "sequential refit of %d projections: relative error %.4f -> %.4f "
+            "(mean); ridges used %s",
             len(report),
             sum(r["error_before"] for r in report) / len(report),
             sum(r["error_after"] for r in report) / len(report),
+            dict(Counter(r["ridge"] for r in report)),
         )
     return pruned

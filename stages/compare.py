@@ -194,11 +194,14 @@ def run_arm(
         plan = build_arm_plan(
             scores, shapes, total, prune_params.model_copy(update={"seed": seed})
         )
-        windows = None
+        windows = holdout = None
         if plan.least_squares:
             # the seed's calibration windows are saved beside its scores
-            windows = load_calibration(importance_dirs[seed])["input_ids"]
-        pruned = prune_compensated(base_model, plan, windows, scores.input_means)
+            tensors = load_calibration(importance_dirs[seed])
+            windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+        pruned = prune_compensated(
+            base_model, plan, windows, scores.input_means, holdout
+        )
         prune_s = time.perf_counter() - started
         plan.seed = seed
         (plans_out / f"plan-seed{seed}.json").write_text(plan.dumps())
@@ -299,7 +302,8 @@ def importance(args: argparse.Namespace) -> None:
     )
     with atomic_dir(args.out) as tmp:
         for seed in compare.seeds:
-            calib = calibration.model_copy(update={"seed": seed, "holdout_samples": 0})
+            # held-back windows kept: a ridge_grid refit chooses on them
+            calib = calibration.model_copy(update={"seed": seed})
             tensors, meta = make_calibration(tokenizer, args.text, calib)
             seed_dir = tmp / f"seed{seed}"
             seed_dir.mkdir()

@@ -34,15 +34,16 @@ def run(
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
     means = load_scores(importance_dir).input_means if plan.bias_compensation else None
-    windows = None
+    windows = holdout = None
     if plan.least_squares:
         if calibration_dir is None:
             raise DataError(
                 "the plan asks for least-squares compensation, which needs the "
                 "calibration windows: pass --calibration data/calibration"
             )
-        windows = load_calibration(calibration_dir)["input_ids"]
-    pruned = prune_compensated(model, plan, windows, means)
+        tensors = load_calibration(calibration_dir)
+        windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+    pruned = prune_compensated(model, plan, windows, means, holdout)
     summary = {
         "base_params": count_params(model),
         "pruned_params": count_params(pruned),
@@ -52,6 +53,7 @@ def run(
         "bias_compensation": bool(plan.bias_compensation),
         "least_squares": bool(plan.least_squares),
         "least_squares_inputs": plan.least_squares_inputs,
+        "ridge_grid": plan.ridge_grid,
     }
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(pruned, tokenizer, tmp, extra=summary)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saap.compensation import input_grams, least_squares_refit, plan_grams
+from saap.compensation import (
+    input_grams,
+    least_squares_refit,
+    plan_grams,
+    sequential_refit,
+)
 from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import PruneParams
@@ -274,3 +279,35 @@ def test_least_squares_without_windows_says_what_to_pass(tiny_model_dir, windows
     plan.least_squares_inputs = "sideways"
     with pytest.raises(PruningError, match="'sideways'.*'dense', 'pruned'"):
         prune_compensated(model, plan, windows)
+
+
+def test_ridge_grid_chooses_on_held_back_windows(tiny_model_dir, windows):
+    """Each projection takes a ridge of the grid; a grid of one value is that
+    ridge; the choice needs held-back windows and says how to get them."""
+    from saap.errors import PruningError
+
+    model, _ = load_model(tiny_model_dir)
+    fit, holdout = windows[:6], windows[6:]
+    plan, _ = mlp_plan(model, fit, "pruned", 0.3)
+    single = prune_compensated(model, plan, fit)
+    plan.ridge_grid = [0.3]
+    one = prune_compensated(model, plan, fit, holdout=holdout)
+    for a, b in zip(single.parameters(), one.parameters(), strict=True):
+        assert torch.equal(a, b)
+    grid = [1e-3, 0.3, 30.0]
+    plan.ridge_grid = grid
+    assert plan.to_json()["ridge_grid"] == grid
+    pruned = prune_model(model, plan, bias_for_cut=True)
+    report = sequential_refit(model, pruned, plan, fit, 0.3, "self", grid, holdout)
+    assert report and all(r["ridge"] in grid for r in report)
+    # the first cut layer sees the same inputs whatever the grid: its choice is
+    # the grid value with the lowest held-back error
+    singles = []
+    for ridge in grid:
+        alone = prune_model(model, plan, bias_for_cut=True)
+        first = sequential_refit(model, alone, plan, fit, 0.3, "self", [ridge], holdout)
+        singles.append(first[0]["holdout_after"])
+    assert report[0]["ridge"] == grid[min(range(3), key=singles.__getitem__)]
+    assert report[0]["holdout_after"] == pytest.approx(min(singles))
+    with pytest.raises(PruningError, match="holdout_samples"):
+        prune_compensated(model, plan, fit)
