@@ -200,19 +200,22 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 @torch.no_grad()
-def _projection_io(
-    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, linear: nn.Linear
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of ``linear`` (inside ``layer``) as (tokens, C), from one
-    pass of the layer over ``hidden``, stopped right after ``linear``."""
+def _capture(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, module: nn.Module, output
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Input (and, with ``output``, output) of ``module`` inside ``layer`` from
+    one pass of the layer over ``hidden``, stopped right there."""
     captured = {}
 
-    def hook(_module, args, output):
-        captured["x"] = args[0].reshape(-1, args[0].shape[-1])
-        captured["y"] = output.reshape(-1, output.shape[-1])
+    def hook(_module, args, out=None):
+        captured["x"], captured["y"] = args[0], out
         raise _Stop
 
-    handle = linear.register_forward_hook(hook)
+    handle = (
+        module.register_forward_hook(hook)
+        if output
+        else module.register_forward_pre_hook(hook)
+    )
     try:
         _run_layer(layer, hidden, kwargs)
     except _Stop:
@@ -222,26 +225,19 @@ def _projection_io(
     return captured["x"], captured["y"]
 
 
-@torch.no_grad()
+def _projection_io(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, linear: nn.Linear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of ``linear`` (inside ``layer``) as (tokens, C)."""
+    x, y = _capture(layer, hidden, kwargs, linear, output=True)
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
 def _module_input(
     layer: nn.Module, hidden: torch.Tensor, kwargs: dict, module: nn.Module
 ) -> torch.Tensor:
-    """The (first positional) input of ``module`` inside ``layer`` from one pass
-    of the layer over ``hidden``, stopped there."""
-    captured = {}
-
-    def hook(_module, args):
-        captured["x"] = args[0]
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        _run_layer(layer, hidden, kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["x"]
+    """The (first positional) input of ``module`` inside ``layer``."""
+    return _capture(layer, hidden, kwargs, module, output=False)[0]
 
 
 def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
