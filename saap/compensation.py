@@ -248,11 +248,16 @@ def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> 
         linear.bias.data = bias.to(linear.weight.dtype).contiguous()
 
 
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row indices of the given heads: ``h*hd .. (h+1)*hd - 1`` for each ``h``."""
+    heads_t = torch.as_tensor(heads, dtype=torch.long)
+    return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
 def _kept_inputs(entry, which: str, head_dim: int) -> torch.Tensor:
     if which == "down":
         return torch.as_tensor(entry.kept_channels, dtype=torch.long)
-    heads = torch.as_tensor(entry.kept_heads, dtype=torch.long)
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return head_rows(entry.kept_heads, head_dim)
 
 
 class _Stream:
@@ -359,15 +364,15 @@ def sequential_refit(
             kept = _kept_inputs(entry, which, head_dim)
             x, y = fit.fit_data(target, which, dense_layer, layer, kept)
             x64, y64 = x.double(), y.double()
+            w0 = linear.weight.double()
             moments = (
                 x64.T @ x64,
                 x64.sum(0),
                 float(x64.shape[0]),
                 y64.T @ x64,
                 y64.sum(0),
-                linear.weight.double(),
+                w0,
             )
-            w0 = linear.weight.double()
             b0 = (
                 linear.bias.double()
                 if linear.bias is not None

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from saap.compensation import (
     InputGram,
+    head_rows,
     least_squares_refit,
     plan_grams,
     sequential_refit,
@@ -31,12 +32,6 @@ if TYPE_CHECKING:
     from saap.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
-
-
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Row indices of the given heads: ``h*hd .. (h+1)*hd - 1`` for each ``h``."""
-    heads_t = torch.as_tensor(heads, dtype=torch.long)
-    return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
 def check_layer_plan(entry: LayerPlan, shape: LayerShape, index: int) -> None:

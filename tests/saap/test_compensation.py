@@ -107,29 +107,35 @@ def test_least_squares_beats_bias_compensation(tiny_model_dir, windows, ridge):
     assert err_ls < err_bias
 
 
-def projection_io(model, windows, part):
-    """Per decoder layer, the input and output of ``part`` as (tokens, C)."""
+def hooked(model, windows, part, output):
+    """Per decoder layer, the input of ``part`` as (tokens, C), with its output
+    too where ``output``: ``(x, y)``."""
     captured = {}
 
     def keep(index):
-        def hook(_module, args, output):
-            x = args[0].detach()
-            captured[index] = (
-                x.reshape(-1, x.shape[-1]),
-                output.detach().flatten(0, 1),
-            )
+        def hook(_module, args, out=None):
+            x = args[0].detach().flatten(0, 1)
+            captured[index] = (x, out.detach().flatten(0, 1)) if output else x
 
         return hook
 
+    modules = [layer.get_submodule(part) for layer in model.model.layers]
     hooks = [
-        layer.get_submodule(part).register_forward_hook(keep(i))
-        for i, layer in enumerate(model.model.layers)
+        m.register_forward_hook(keep(i))
+        if output
+        else m.register_forward_pre_hook(keep(i))
+        for i, m in enumerate(modules)
     ]
     with torch.no_grad():
         model(windows)
     for hook in hooks:
         hook.remove()
     return captured
+
+
+def projection_io(model, windows, part):
+    """Per decoder layer, the input and output of ``part`` as (tokens, C)."""
+    return hooked(model, windows, part, output=True)
 
 
 def mlp_plan(model, windows, inputs, ridge):
@@ -168,23 +174,7 @@ def test_sequential_refit_of_the_first_cut_layer_is_the_dense_refit(
 def mlp_inputs(model, windows):
     """Per decoder layer, the input of the MLP block (after its norm) as (tokens,
     hidden)."""
-    captured = {}
-
-    def keep(index):
-        def hook(_module, args):
-            captured[index] = args[0].detach().flatten(0, 1)
-
-        return hook
-
-    hooks = [
-        layer.mlp.register_forward_pre_hook(keep(i))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        model(windows)
-    for hook in hooks:
-        hook.remove()
-    return captured
+    return hooked(model, windows, "mlp", output=False)
 
 
 def down_errors(candidates, index, x, target):
