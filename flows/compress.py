@@ -29,9 +29,24 @@ from flows.stagerun import (  # noqa: F401  (ConcurrentRunError: part of this AP
     project_lock,
     retry_transient,
 )
+from saap.errors import ParamsError
 from saap.params import GatesParams, load_section
 
 log = logging.getLogger(__name__)
+
+
+def benched_variants(params_file: Path) -> list[str]:
+    """The compressed variants the bench stages measure (``bench.variants``),
+    checked to hold the gated variant, whose speed gate reads its bench."""
+    gates = load_section(params_file, "gates")
+    variants = load_section(params_file, "bench").variants
+    if gates.variant not in variants:
+        raise ParamsError(
+            f"gates.variant is {gates.variant!r} but bench.variants is {variants}: "
+            f"the speed gate reads metrics/bench/{gates.variant}.json; add "
+            f"{gates.variant!r} to bench.variants in {params_file}"
+        )
+    return variants
 
 
 def pipeline_stages(project: Path) -> list[str]:
@@ -78,13 +93,22 @@ def track_and_promote(
     variants: list[str],
     gates: GatesParams,
     flow_run: str | None,
+    benched: list[str] | None = None,
 ) -> dict:
-    """Log the run, register the gated variant and apply the gates."""
+    """Log the run, register the gated variant and apply the gates; bench
+    results of dense and the ``benched`` variants (default: all)."""
     from flows import tracking
 
     root = Path(project)
     client = tracking.client_for(root)
-    tracking.log_run(client, mlflow_run_id, root, variants, flow_run)
+    tracking.log_run(
+        client,
+        mlflow_run_id,
+        root,
+        variants,
+        flow_run,
+        None if benched is None else {"dense", *benched},
+    )
     name = tracking.registered_name(root, gates)
     plan_path = root / "artifacts" / "plan" / "plan.json"
     tags = {"variant": gates.variant, "base_model": tracking.base_model_name(root)}
@@ -237,6 +261,7 @@ def compress(
         f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     )
     gates = load_section(root / "params.yaml", "gates")
+    benched = benched_variants(root / "params.yaml")  # before any stage runs
     try:
         flow_run = str(get_run_context().flow_run.id)
     except Exception:  # noqa: BLE001 - no context outside a flow run
@@ -257,7 +282,7 @@ def compress(
                 ran[stage] = repro_stage(str(root), stage, timeout)
             variants = list(dict.fromkeys(["dense", "pruned", gates.variant]))
             summary = track_and_promote(
-                str(root), run.info.run_id, variants, gates, flow_run
+                str(root), run.info.run_id, variants, gates, flow_run, benched
             )
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")

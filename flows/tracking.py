@@ -137,14 +137,17 @@ def evidence_md5(project: Path, variant: str) -> str:
     return hashlib.md5("".join(values).encode()).hexdigest()
 
 
-def variant_metrics(project: Path, variant: str) -> dict:
+def variant_metrics(project: Path, variant: str, bench: bool = True) -> dict:
     """The eval, per-document and bench JSON of a variant, as the stages wrote
-    them: ``{"eval", "documents", "bench"}``."""
+    them: ``{"eval", "documents", "bench"}``; ``bench`` None where the variant
+    is not benchmarked (``bench=False``: not in ``bench.variants``, so a
+    ``metrics/bench`` file left by an earlier configuration is not read)."""
     files = {
         "eval": project / "metrics" / "eval" / f"{variant}.json",
         "documents": project / "metrics" / "eval" / f"{variant}.documents.json",
-        "bench": project / "metrics" / "bench" / f"{variant}.json",
     }
+    if bench:
+        files["bench"] = project / "metrics" / "bench" / f"{variant}.json"
     metrics = {}
     for kind, path in files.items():
         if not path.is_file():
@@ -153,6 +156,7 @@ def variant_metrics(project: Path, variant: str) -> dict:
                 "writes it (dvc repro)"
             )
         metrics[kind] = json.loads(path.read_text())
+    metrics.setdefault("bench", None)
     return metrics
 
 
@@ -178,6 +182,8 @@ def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
     if fidelity := evaluation.get("fidelity"):
         _interval_metrics(f"{variant}.fidelity.kl", fidelity["kl"], out)
         _interval_metrics(f"{variant}.fidelity.top1", fidelity["top1_agreement"], out)
+    if bench is None:
+        return out
     for key in (
         "decode_tokens_per_s",
         "prefill_tokens_per_s",
@@ -220,6 +226,8 @@ def plot_accuracy_vs_speed(points: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     runtime = "PyTorch eager"
     for variant, metrics in points.items():
+        if metrics["bench"] is None:
+            continue
         # llama.cpp's f16 figure where the variant was exported, else eager
         types = (metrics["bench"].get("llamacpp") or {}).get("types") or {}
         if "f16" in types:
@@ -274,8 +282,10 @@ def log_run(
     project: Path,
     variants: list[str],
     flow_run: str | None,
+    benched: set[str] | None = None,
 ) -> dict[str, dict]:
-    """Log params, metrics of every variant, plan, plots, samples, revision, hashes."""
+    """Log params, metrics of every variant, plan, plots, samples, revision,
+    hashes; bench results of the variants in ``benched`` (default: all)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     flat = flatten("", params, {})
     revision = git_revision(project)
@@ -287,7 +297,12 @@ def log_run(
         # MLflow keys allow [A-Za-z0-9_-. :/]; foreach stages look like bench@pruned
         tags["dvc." + re.sub(r"[^\w\-. :/]", ".", key)] = value
     log_params_and_tags(client, run_id, flat, tags)
-    all_metrics = {variant: variant_metrics(project, variant) for variant in variants}
+    all_metrics = {
+        variant: variant_metrics(
+            project, variant, bench=benched is None or variant in benched
+        )
+        for variant in variants
+    }
     now = int(time.time() * 1000)
     batch = [
         Metric(key, float(value), now, 0)
@@ -300,9 +315,10 @@ def log_run(
     for variant in all_metrics:
         for name in (f"{variant}.json", f"{variant}.documents.json"):
             client.log_artifact(run_id, str(project / "metrics/eval" / name), "eval")
-        client.log_artifact(
-            run_id, str(project / "metrics/bench" / f"{variant}.json"), "bench"
-        )
+        if all_metrics[variant]["bench"] is not None:
+            client.log_artifact(
+                run_id, str(project / "metrics/bench" / f"{variant}.json"), "bench"
+            )
         samples = project / "metrics/eval" / f"{variant}.generations.md"
         if samples.is_file():
             client.log_artifact(run_id, str(samples), "generations")

@@ -384,6 +384,20 @@ class BenchParams(Section):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Benchmark dtype: auto as for evaluate."
     )
+    variants: list[Literal["pruned", "finetuned"]] = Field(
+        default_factory=lambda: ["finetuned"],
+        min_length=1,
+        description="Compressed variants benchmarked against dense (stages "
+        "bench@<variant>); must hold gates.variant. pruned and finetuned share "
+        "their shapes, so one of them gives the speed of both.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"bench.variants repeats a variant: {value}")
+        return value
 
 
 # llama.cpp type names llama-quantize accepts (a subset: the common CPU ones)

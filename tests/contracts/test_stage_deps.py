@@ -97,3 +97,23 @@ def test_closure_follows_function_level_imports():
     # stages.compare imports stages.importance inside a function
     assert Path("stages/importance.py") in code_closure("stages.compare")
     assert Path("saap/params.py") in code_closure("stages.assets")
+
+
+@pytest.mark.parametrize("stage", ["dvc.yaml:bench-dense", "dvc.yaml:bench"])
+def test_bench_stages_depend_on_every_bench_setting_but_the_variant_list(stage):
+    """The bench stages list their params key by key, leaving out only
+    ``bench.variants``: benchmarking one more variant does not re-run the
+    others, and any other bench setting does."""
+    from saap.params import BenchParams
+
+    listed = set(pipeline_stages()[stage]["params"])
+    expected = {f"bench.{key}" for key in BenchParams.model_fields} - {"bench.variants"}
+    assert listed == expected
+
+
+def test_bench_stage_runs_the_variants_of_params_yaml():
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["bench"]
+    assert body["foreach"] == "${bench.variants}"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    gated = params["gates"]["variant"]
+    assert gated in params["bench"]["variants"]

@@ -61,7 +61,11 @@ def test_full_flow_registers_and_promotes(project):
     assert "assets" in summary["stages_ran"] and "prune" in summary["stages_ran"]
     for variant in ("dense", "pruned", "finetuned"):
         assert (project / f"metrics/eval/{variant}.json").is_file()
-        assert (project / f"metrics/bench/{variant}.json").is_file()
+    # bench.variants: the gated variant only (pruned has the same shapes)
+    assert sorted(p.name for p in (project / "metrics/bench").iterdir()) == [
+        "dense.json",
+        "finetuned.json",
+    ]
     client, name = registry(project)
     version = client.get_model_version(name, "1")
     assert version.tags["gates"] == "pass"
@@ -79,7 +83,10 @@ def test_full_flow_registers_and_promotes(project):
     assert run.data.params["prune.ratio"] == "0.2"
     assert run.data.tags["git.revision"]
     assert any(tag.startswith("dvc.prune:") for tag in run.data.tags)
-    assert "dvc.bench.pruned:metrics/bench/pruned.json" in run.data.tags
+    assert "dvc.bench.finetuned:metrics/bench/finetuned.json" in run.data.tags
+    assert "pruned.ppl.ptb" in run.data.metrics
+    assert "pruned.decode_tokens_per_s" not in run.data.metrics
+    assert "finetuned.llamacpp.f16.speedup.decode.lower" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "pipeline", "plots", "eval", "bench", "gguf"} <= artifacts
     # the quantized GGUF goes with the version; the speed gate read llama.cpp
@@ -89,6 +96,21 @@ def test_full_flow_registers_and_promotes(project):
     assert "llama.cpp f16 GGUF" in version.tags["gate.decode_speedup.detail"]
     bench = json.loads((project / "metrics/bench/finetuned.json").read_text())
     assert bench["llamacpp"]["types"]["q8_0"]["speedup"]["decode"]["n"] == 4
+    # benchmarking one more variant leaves the others' results: only its
+    # bench stage is stale
+    original = (project / "params.yaml").read_text()
+    set_params(project, bench={"variants": ["pruned", "finetuned"]})
+    try:
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert set(json.loads(status.stdout)) == {"bench@pruned"}
 
 
 def test_noop_rerun_runs_no_stage(project):

@@ -47,3 +47,24 @@ def test_unknown_profile_names_the_defined_ones(tmp_path):
     ):
         pass
     assert path.read_text() == PARAMS
+
+
+def test_gated_variant_must_be_benchmarked(tmp_path):
+    from flows.compress import benched_variants
+
+    path = tmp_path / "params.yaml"
+    path.write_text("gates:\n  variant: finetuned\n")
+    assert benched_variants(path) == ["finetuned"]  # the default list
+    path.write_text(
+        "gates:\n  variant: pruned\nbench:\n  variants: [pruned, finetuned]\n"
+    )
+    assert benched_variants(path) == ["pruned", "finetuned"]
+    path.write_text("gates:\n  variant: pruned\nbench:\n  variants: [finetuned]\n")
+    with pytest.raises(ParamsError, match=r"add 'pruned' to bench.variants"):
+        benched_variants(path)
+    path.write_text("bench:\n  variants: [finetuned, finetuned]\n")
+    with pytest.raises(ParamsError, match="repeats a variant"):
+        benched_variants(path)
+    path.write_text("bench:\n  variants: [dense]\n")
+    with pytest.raises(ParamsError, match=r"bench.variants.0"):
+        benched_variants(path)
