@@ -6,12 +6,15 @@ target, planned on the model pruned by the steps before it, from calibration
 statistics of that model. The steps compose into one plan on the base model
 (:func:`compose`), so the prune stage replays it as it replays a one-shot plan
 and compensation (bias, least squares) is applied once, from the dense model's
-inputs, at the end.
+inputs, at the end. Between steps the pruned model is, by default, the plain
+slice; ``build`` can make it the compensated one instead, so a later step
+scores the model its pruning will actually be applied to.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -83,10 +86,13 @@ def iterative_plan(
     first_scores,
     batch_size: int,
     progress: bool = True,
+    build: Callable[[Plan], torch.nn.Module] | None = None,
 ) -> Plan:
     """The plan reaching ``params.ratio`` of ``model``'s parameters in
     ``params.iterations`` steps; ``first_scores`` (the importance stage's) plan the
-    first step, fresh statistics of the pruned model each later one."""
+    first step, fresh statistics of the pruned model each later one. ``build``
+    makes that pruned model from the plan so far (on ``model``); default: the
+    plain slice, ``prune_model(model, plan)``."""
     steps = params.iterations
     if params.allocation in ("layers", "sensitivity") or params.ppl_bound is not None:
         raise PruningError(
@@ -127,7 +133,7 @@ def iterative_plan(
             plan.achieved_ratio,
         )
         if step < steps:
-            current = prune_model(model, plan)
+            current = build(plan) if build is not None else prune_model(model, plan)
             scores = None
     plan.ratio_requested = params.ratio
     plan.target_removed = target

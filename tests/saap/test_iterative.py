@@ -87,3 +87,28 @@ def test_iterations_refuse_layer_removal(tiny_model_dir, windows):
             2,
             False,
         )
+
+
+def test_later_steps_score_the_model_build_makes(tiny_model_dir, windows):
+    """``build`` makes the model a later step scores (e.g. the compensated one);
+    it gets the plan so far, and what it returns decides the next step."""
+    model, _ = load_model(tiny_model_dir)
+    p = params(iterations=2, prune_attention=False, ratio=0.2)
+    first = scores_of(model, windows)
+    built = []
+
+    def build(plan):
+        built.append(plan.achieved_ratio)
+        pruned = prune_model(model, plan)
+        with torch.no_grad():  # another model than the plain slice
+            for layer in pruned.model.layers:
+                layer.mlp.up_proj.weight.mul_(-1.0)
+        return pruned
+
+    plain = iterative_plan(model, windows, p, first, 2, False)
+    other = iterative_plan(model, windows, p, first, 2, False, build)
+    assert len(built) == 1 and 0 < built[0] < 0.2
+    assert [e.kept_channels for e in plain.layers] != [
+        e.kept_channels for e in other.layers
+    ]
+    assert abs(other.removed_params - other.target_removed) <= 2 * 192
