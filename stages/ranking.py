@@ -21,7 +21,7 @@ from saap.iterative import iterative_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
-from saap.prune import prune_model, record_compensation
+from saap.prune import prune_compensated, prune_model, record_compensation
 from saap.scores import load_scores
 from saap.sensitivity import measure_sensitivity
 from stages.common import guarded, setup
@@ -59,13 +59,31 @@ def run(
         return measure_sensitivity(dense, group_scores, layers, windows)
 
     if params.iterations > 1:
-        # later steps re-score the pruned model on the calibration windows
+        # later steps re-score the pruned model on the calibration windows: the
+        # compensated one where the plan compensates (what the prune stage will
+        # build; benchmarks/saap_variants.py "refit between")
+        calibration = load_calibration(calibration_dir)
+        windows = calibration["input_ids"]
+
+        def compensated(step_plan: Plan):
+            step_plan.prune_attention = params.prune_attention
+            record_compensation(step_plan, params)
+            return prune_compensated(
+                model,
+                step_plan,
+                windows,
+                scores.input_means,
+                calibration.get("holdout_ids"),
+            )
+
+        compensates = params.least_squares or params.bias_compensation
         plan = iterative_plan(
             model,
-            load_calibration(calibration_dir)["input_ids"],
+            windows,
             params,
             scores,
             batch_size,
+            build=compensated if compensates else None,
         )
     else:
         plan = plan_from_scores(

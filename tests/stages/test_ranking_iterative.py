@@ -1,0 +1,71 @@
+"""The ranking stage's iterative pruning on the tiny fixture: where the plan
+compensates, later steps score the compensated model (what the prune stage
+builds), and the composed plan still meets the target."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import stages.ranking as ranking
+from saap.params import PruneParams
+from stages import calibration, importance
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory, tiny_model_dir, text_dir):
+    root = tmp_path_factory.mktemp("ranking")
+    params = root / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "calibration": {"num_samples": 8, "holdout_samples": 2, "seq_len": 32},
+                "importance": {
+                    "batch_size": 2,
+                    "estimators": ["taylor_element1", "wanda_sp"],
+                },
+            }
+        )
+    )
+    calib, scores = root / "calibration", root / "importance"
+    calibration.main(
+        ["--params", str(params), "--model", str(tiny_model_dir), "--text",
+         str(text_dir), "--out", str(calib)]
+    )  # fmt: skip
+    importance.main(
+        ["--params", str(params), "--model", str(tiny_model_dir), "--calibration",
+         str(calib), "--out", str(scores)]
+    )  # fmt: skip
+    return scores, calib
+
+
+@pytest.mark.parametrize("least_squares", [True, False])
+def test_iterative_steps_score_what_the_prune_stage_builds(
+    stage_inputs, tiny_model_dir, monkeypatch, least_squares
+):
+    scores_dir, calib = stage_inputs
+    built = []
+    real = ranking.prune_compensated
+
+    def recording(model, plan, *args):
+        built.append(plan.least_squares)
+        return real(model, plan, *args)
+
+    monkeypatch.setattr(ranking, "prune_compensated", recording)
+    params = PruneParams(
+        ratio=0.2,
+        skip_first=1,
+        skip_last=1,
+        saap_metrics=["taylor_element1", "wanda_sp"],
+        iterations=2,
+        least_squares=least_squares,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.1, 1.0],
+    )
+    plan = ranking.run(params, tiny_model_dir, scores_dir, calib, batch_size=2)
+    # one compensated model between the two steps, or the plain slice
+    assert built == ([True] if least_squares else [])
+    assert abs(plan.removed_params - plan.target_removed) <= 2 * 192
+    assert bool(plan.least_squares) is least_squares
