@@ -43,7 +43,19 @@ from saap.sensitivity import measure_sensitivity
 GRADIENT = ["taylor_vector", "taylor_element1"]
 MIXED = ["taylor_element1", "wanda_sp"]
 ALL4 = ["taylor_vector", "taylor_element1", "wanda_sp", "flap"]
-# label -> prune overrides (the project's prune section otherwise)
+# every variant starts from the project's prune section with no compensation,
+# one step and unrounded widths: a variant names what it adds (otherwise the
+# baselines would inherit the pipeline's compensation from params.yaml)
+NEUTRAL: dict = dict(
+    bias_compensation=False,
+    least_squares=False,
+    least_squares_inputs="dense",
+    ridge=1.0,
+    ridge_grid=None,
+    iterations=1,
+    width_multiple=1,
+)
+# label -> prune overrides (on top of NEUTRAL)
 VARIANTS: dict[str, dict] = {
     "LLM-Pruner element1, uniform (reference)": dict(
         importance="taylor_element1", allocation="uniform"
@@ -54,6 +66,14 @@ VARIANTS: dict[str, dict] = {
     "Wanda-sp, uniform": dict(importance="wanda_sp", allocation="uniform"),
     "FLAP, global, bias comp.": dict(
         importance="flap", allocation="global", bias_compensation=True
+    ),
+    # FLAP's scores and allocation with SAAP's default compensation
+    "FLAP, global, + sequential least squares, ridge chosen": dict(
+        importance="flap",
+        allocation="global",
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
     ),
     "SAAP vector+element1, adaptive": dict(saap_metrics=GRADIENT),
     "SAAP element1+wanda_sp, adaptive": dict(saap_metrics=MIXED),
@@ -93,12 +113,33 @@ VARIANTS: dict[str, dict] = {
     "SAAP element1+wanda_sp, + least squares, attention, 2 steps": dict(
         saap_metrics=MIXED, least_squares=True, prune_attention=True, iterations=2
     ),
+    # the default's compensation with two steps: the second step scores the
+    # plain slice of the first, or (REFIT_BETWEEN) its refitted model
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps": dict(
+        saap_metrics=MIXED,
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+        prune_attention=True,
+        iterations=2,
+    ),
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between": dict(
+        saap_metrics=MIXED,
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+        prune_attention=True,
+        iterations=2,
+    ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
     ),
 }
 REFERENCE = next(iter(VARIANTS))
+# iterative variants whose later steps score the compensated model
+REFIT_BETWEEN = {label for label in VARIANTS if label.endswith("refit between")}
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 9: 2.26}
 
 
@@ -199,11 +240,33 @@ def main() -> None:
                 if overrides.get("allocation") == "sensitivity" and ratio > 0.3:
                     continue  # needs attention pruning, which it does not do
                 params = base_prune.model_copy(
-                    update={"ratio": ratio, "ppl_bound": None, "seed": seed} | overrides
+                    update={"ratio": ratio, "ppl_bound": None, "seed": seed}
+                    | NEUTRAL
+                    | overrides
                 )
                 if params.iterations > 1:
+
+                    def refitted(
+                        step_plan,
+                        params=params,
+                        windows=windows,
+                        means=scores.input_means,
+                        holdout=holdout,
+                    ):
+                        step_plan.prune_attention = params.prune_attention
+                        record_compensation(step_plan, params)
+                        return prune_compensated(
+                            model, step_plan, windows, means, holdout
+                        )
+
                     plan = iterative_plan(
-                        model, windows, params, scores, batch_size, False
+                        model,
+                        windows,
+                        params,
+                        scores,
+                        batch_size,
+                        False,
+                        refitted if label in REFIT_BETWEEN else None,
                     )
                     plan.prune_attention = params.prune_attention
                     record_compensation(plan, params)
