@@ -55,6 +55,15 @@ NEUTRAL: dict = dict(
     iterations=1,
     width_multiple=1,
 )
+# SAAP's default compensation, attention pruned, in two steps
+TWO_STEPS: dict = dict(
+    saap_metrics=MIXED,
+    least_squares=True,
+    least_squares_inputs="pruned",
+    ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+    prune_attention=True,
+    iterations=2,
+)
 # label -> prune overrides (on top of NEUTRAL)
 VARIANTS: dict[str, dict] = {
     "LLM-Pruner element1, uniform (reference)": dict(
@@ -115,23 +124,11 @@ VARIANTS: dict[str, dict] = {
     ),
     # the default's compensation with two steps: the second step scores the
     # plain slice of the first, or (REFIT_BETWEEN) its refitted model
-    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps": dict(
-        saap_metrics=MIXED,
-        least_squares=True,
-        least_squares_inputs="pruned",
-        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
-        prune_attention=True,
-        iterations=2,
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps": (
+        TWO_STEPS
     ),
     "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps, "
-    "refit between": dict(
-        saap_metrics=MIXED,
-        least_squares=True,
-        least_squares_inputs="pruned",
-        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
-        prune_attention=True,
-        iterations=2,
-    ),
+    "refit between": TWO_STEPS,
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
