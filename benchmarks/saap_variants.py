@@ -32,7 +32,7 @@ from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
 from saap.importance.estimators import collect_for
-from saap.iterative import iterative_plan
+from saap.iterative import compensating_build, iterative_plan
 from saap.methods import build_arm_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import ImportanceParams, load_section
@@ -242,28 +242,13 @@ def main() -> None:
                     | overrides
                 )
                 if params.iterations > 1:
-
-                    def refitted(
-                        step_plan,
-                        params=params,
-                        windows=windows,
-                        means=scores.input_means,
-                        holdout=holdout,
-                    ):
-                        step_plan.prune_attention = params.prune_attention
-                        record_compensation(step_plan, params)
-                        return prune_compensated(
-                            model, step_plan, windows, means, holdout
+                    build = None
+                    if label in REFIT_BETWEEN:
+                        build = compensating_build(
+                            model, params, windows, scores.input_means, holdout
                         )
-
                     plan = iterative_plan(
-                        model,
-                        windows,
-                        params,
-                        scores,
-                        batch_size,
-                        False,
-                        refitted if label in REFIT_BETWEEN else None,
+                        model, windows, params, scores, batch_size, False, build
                     )
                     plan.prune_attention = params.prune_attention
                     record_compensation(plan, params)

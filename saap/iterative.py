@@ -24,7 +24,7 @@ from saap.importance.estimators import collect_for
 from saap.model import count_params, layer_shapes
 from saap.params import PruneParams
 from saap.plan import LayerPlan, Plan, plan_from_scores
-from saap.prune import prune_model
+from saap.prune import prune_compensated, prune_model, record_compensation
 from saap.scores import scores_from_stats
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,24 @@ def compose(first: Plan, second: Plan, base_shapes, base_total: int) -> Plan:
         layers=layers,
         sigmas=second.sigmas,
     )
+
+
+def compensating_build(
+    model,
+    params: PruneParams,
+    windows: torch.Tensor,
+    input_means=None,
+    holdout: torch.Tensor | None = None,
+) -> Callable[[Plan], torch.nn.Module]:
+    """A ``build`` for :func:`iterative_plan`: the plan so far replayed on
+    ``model`` with ``params``' compensation, as the prune stage will build it."""
+
+    def build(plan: Plan) -> torch.nn.Module:
+        plan.prune_attention = params.prune_attention
+        record_compensation(plan, params)
+        return prune_compensated(model, plan, windows, input_means, holdout)
+
+    return build
 
 
 def iterative_plan(

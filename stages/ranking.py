@@ -17,11 +17,11 @@ from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
 from saap.errors import DataError
 from saap.evaluation.perplexity import perplexity
-from saap.iterative import iterative_plan
+from saap.iterative import compensating_build, iterative_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
-from saap.prune import prune_compensated, prune_model, record_compensation
+from saap.prune import prune_model, record_compensation
 from saap.scores import load_scores
 from saap.sensitivity import measure_sensitivity
 from stages.common import guarded, setup
@@ -64,27 +64,16 @@ def run(
         # build; benchmarks/saap_variants.py "refit between")
         calibration = load_calibration(calibration_dir)
         windows = calibration["input_ids"]
-
-        def compensated(step_plan: Plan):
-            step_plan.prune_attention = params.prune_attention
-            record_compensation(step_plan, params)
-            return prune_compensated(
+        build = None
+        if params.least_squares or params.bias_compensation:
+            build = compensating_build(
                 model,
-                step_plan,
+                params,
                 windows,
                 scores.input_means,
                 calibration.get("holdout_ids"),
             )
-
-        compensates = params.least_squares or params.bias_compensation
-        plan = iterative_plan(
-            model,
-            windows,
-            params,
-            scores,
-            batch_size,
-            build=compensated if compensates else None,
-        )
+        plan = iterative_plan(model, windows, params, scores, batch_size, build=build)
     else:
         plan = plan_from_scores(
             scores, layer_shapes(model), count_params(model), params, holdout, measure

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+import saap.iterative
 import stages.ranking as ranking
 from saap.params import PruneParams
 from stages import calibration, importance
@@ -47,13 +48,13 @@ def test_iterative_steps_score_what_the_prune_stage_builds(
 ):
     scores_dir, calib = stage_inputs
     built = []
-    real = ranking.prune_compensated
+    real = saap.iterative.prune_compensated
 
     def recording(model, plan, *args):
         built.append(plan.least_squares)
         return real(model, plan, *args)
 
-    monkeypatch.setattr(ranking, "prune_compensated", recording)
+    monkeypatch.setattr(saap.iterative, "prune_compensated", recording)
     params = PruneParams(
         ratio=0.2,
         skip_first=1,
