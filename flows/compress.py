@@ -93,22 +93,13 @@ def track_and_promote(
     variants: list[str],
     gates: GatesParams,
     flow_run: str | None,
-    benched: list[str] | None = None,
 ) -> dict:
-    """Log the run, register the gated variant and apply the gates; bench
-    results of dense and the ``benched`` variants (default: all)."""
+    """Log the run, register the gated variant and apply the gates."""
     from flows import tracking
 
     root = Path(project)
     client = tracking.client_for(root)
-    tracking.log_run(
-        client,
-        mlflow_run_id,
-        root,
-        variants,
-        flow_run,
-        None if benched is None else {"dense", *benched},
-    )
+    tracking.log_run(client, mlflow_run_id, root, variants, flow_run)
     name = tracking.registered_name(root, gates)
     plan_path = root / "artifacts" / "plan" / "plan.json"
     tags = {"variant": gates.variant, "base_model": tracking.base_model_name(root)}
@@ -261,7 +252,7 @@ def compress(
         f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     )
     gates = load_section(root / "params.yaml", "gates")
-    benched = benched_variants(root / "params.yaml")  # before any stage runs
+    benched_variants(root / "params.yaml")  # refuse a bad list before any stage
     try:
         flow_run = str(get_run_context().flow_run.id)
     except Exception:  # noqa: BLE001 - no context outside a flow run
@@ -282,7 +273,7 @@ def compress(
                 ran[stage] = repro_stage(str(root), stage, timeout)
             variants = list(dict.fromkeys(["dense", "pruned", gates.variant]))
             summary = track_and_promote(
-                str(root), run.info.run_id, variants, gates, flow_run, benched
+                str(root), run.info.run_id, variants, gates, flow_run
             )
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")

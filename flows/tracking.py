@@ -282,11 +282,11 @@ def log_run(
     project: Path,
     variants: list[str],
     flow_run: str | None,
-    benched: set[str] | None = None,
 ) -> dict[str, dict]:
     """Log params, metrics of every variant, plan, plots, samples, revision,
-    hashes; bench results of the variants in ``benched`` (default: all)."""
+    hashes; bench results of dense and of the variants in ``bench.variants``."""
     params = yaml.safe_load((project / "params.yaml").read_text())
+    benched = {"dense", *parse_section("bench", params.get("bench")).variants}
     flat = flatten("", params, {})
     revision = git_revision(project)
     tags = revision | {"flow_run": flow_run or "none", "project": str(project)}
@@ -298,9 +298,7 @@ def log_run(
         tags["dvc." + re.sub(r"[^\w\-. :/]", ".", key)] = value
     log_params_and_tags(client, run_id, flat, tags)
     all_metrics = {
-        variant: variant_metrics(
-            project, variant, bench=benched is None or variant in benched
-        )
+        variant: variant_metrics(project, variant, bench=variant in benched)
         for variant in variants
     }
     now = int(time.time() * 1000)
