@@ -41,6 +41,13 @@ METHODS.add(
     "llm_pruner_element2", Method("LLM-Pruner element2", "taylor_element2", "uniform")
 )
 METHODS.add("flap", Method("FLAP", "flap", "global", bias_compensation=True))
+# FLAP's scores and allocation with the compensation SAAP's default uses (the
+# sequential least-squares refit): separates scores and allocation from the
+# compensation (benchmarks/saap_variants.py measured it as the strongest baseline)
+METHODS.add(
+    "flap_ls",
+    Method("FLAP + least squares", "flap", "global", least_squares=True),
+)
 METHODS.add("wanda_sp", Method("Wanda-sp", "wanda_sp", "uniform"))
 # whole layers of lowest block influence; the remainder below one layer is filled
 # with MLP channels by taylor_element1 (so the budget is met exactly)
