@@ -27,12 +27,15 @@ from flows import stagerun
 from flows.stagerun import StageFailedError, project_lock, retry_transient
 from saap.atomic import atomic_file, write_json
 from saap.comparison import (
+    against_baselines,
+    baselines_table,
     plot_accuracy_vs_params,
     plot_kept_fraction_per_method,
     results_table,
     summarise,
 )
-from saap.methods import METHODS
+from saap.errors import DataError, ParamsError
+from saap.methods import METHODS, default_method
 from saap.params import CompareParams, load_section
 
 ARM_STAGE = "compare/dvc.yaml:arm"
@@ -119,9 +122,15 @@ def write_report(
     wall_s: float,
     experiments: list[str],
     revision: str = "?",
+    records: list[dict] | None = None,
+    default: str | None = None,
+    rendered: str | None = None,
 ) -> Path:
     """``results.md`` (the generated part between markers, text around it kept)
-    and the two plots under ``figures/``."""
+    and the two plots under ``figures/``. With ``records`` and ``default`` (the
+    method that is the pipeline's default), a section pairs that method with
+    every baseline over seeds. ``rendered``: the code revision that rendered the
+    report when it is not the arms' own (``saap compare --report-only``)."""
     figures = report_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for name, plot in (
@@ -153,7 +162,12 @@ def write_report(
             "paired bootstrap 95% interval; 'vs best of ratio': 'below best' only "
             "where the paired difference to the best row of that ratio excludes 0, "
             "else 'not separated'. Every arm ran at one code revision "
-            f"(`{revision}`).",
+            f"(`{revision}`)"
+            + (
+                f"; this report was rendered from the gathered arms at `{rendered}`."
+                if rendered and rendered != revision
+                else "."
+            ),
             "- Decode speedup: batch-1 decode tokens/s with KV cache over the "
             "dense model's (measured, one process per arm, median of "
             f"{params.bench_repeats}) beside the ideal one (weight bytes read per "
@@ -163,6 +177,7 @@ def write_report(
             "",
             results_table(rows),
             "",
+            *_baselines_section(records, default),
             "![accuracy vs parameters](figures/compare_accuracy_vs_params.png)",
             "",
             "![kept fraction per layer](figures/compare_kept_fraction.png)",
@@ -178,6 +193,27 @@ def write_report(
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def _baselines_section(records: list[dict] | None, default: str | None) -> list[str]:
+    if not records or default is None:
+        return []
+    entries = against_baselines(records, default)
+    if not entries:
+        return []
+    label = METHODS[default].label
+    return [
+        f"### SAAP's default ({label}: the prune section's scores, allocation and "
+        "compensation) against every baseline, paired over calibration seeds",
+        "",
+        "Lower is better for all three metrics. SAAP default / baseline: geometric "
+        "mean of the per-seed ratios, 95% t-interval; 'ahead' or 'behind' only "
+        "where it excludes 1. The goal lines test the comparison's goal: ahead of "
+        "the best baseline (lowest mean) by more than the larger seed sd.",
+        "",
+        baselines_table(entries),
+        "",
+    ]
 
 
 @task
@@ -259,17 +295,25 @@ def compare(
     run_id: str | None = None,
     report_dir: str = "docs",
     lock_timeout_s: float = 3600.0,
+    report_only: bool = False,
 ) -> dict:
-    """Run every arm as a DVC experiment, gather, report, log to MLflow."""
+    """Run every arm as a DVC experiment, gather, report, log to MLflow.
+
+    ``report_only``: render the report again from the arms of ``run_id`` as they
+    were gathered: runs no arm, logs no MLflow run; the report names the arms'
+    revision and the one that rendered it."""
     logger = get_run_logger()
     # DVC's advice to `git add dvc.lock` after every stage is noise in a flow log
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
     root = Path(project).resolve()
     params = load_section(root / "params.yaml", "compare")
+    arms = [("dense", 0.0)] + [(m, r) for r in params.ratios for m in params.methods]
+    default = default_method(load_section(root / "params.yaml", "prune"))
+    if report_only:
+        return _report_only(root, run_id, params, arms, report_dir, default)
     run_id = run_id or time.strftime("%Y%m%d%H%M%S")
     gathered = root / "artifacts" / "compare" / "runs" / run_id
     gathered.mkdir(parents=True, exist_ok=True)
-    arms = [("dense", 0.0)] + [(m, r) for r in params.ratios for m in params.methods]
     started = time.perf_counter()
     records = []
     params_file = root / "params.yaml"
@@ -322,6 +366,8 @@ def compare(
         wall_s,
         [r.get("experiment", "") for r in records],
         revision,
+        records,
+        default,
     )
     parent = log_to_mlflow(str(root), run_id, records, rows, str(report))
     logger.info("comparison %s: %d arms in %.1f min", run_id, len(arms), wall_s / 60)
@@ -332,4 +378,58 @@ def compare(
         "report": str(report),
         "mlflow_parent_run": parent,
         "wall_s": wall_s,
+    }
+
+
+def _report_only(
+    root: Path,
+    run_id: str | None,
+    params: CompareParams,
+    arms: list[tuple[str, float]],
+    report_dir: str,
+    default: str | None,
+) -> dict:
+    if run_id is None:
+        raise ParamsError(
+            "--report-only renders a gathered run: name it with --run-id (the "
+            "folders of artifacts/compare/runs/)"
+        )
+    gathered = root / "artifacts" / "compare" / "runs" / run_id
+    paths = {arm: gathered / f"{arm[0]}-{arm[1]}.json" for arm in arms}
+    missing = [f"{m} @ {r}" for (m, r), path in paths.items() if not path.is_file()]
+    if missing:
+        raise DataError(
+            f"comparison run {run_id} has no gathered arm for {', '.join(missing)} "
+            f"(under {gathered}); run `saap compare --run-id {run_id}` to finish it"
+        )
+    records = [json.loads(path.read_text()) for path in paths.values()]
+    revisions = sorted({str(r.get("revision")) for r in records})
+    if len(revisions) > 1:
+        raise DataError(
+            f"comparison run {run_id} mixes arms of revisions {revisions}; one "
+            f"table is one revision: run `saap compare --run-id {run_id}` at one "
+            "revision to re-run the others"
+        )
+    meta_path = gathered / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    rows = summarise(records)
+    report = write_report(
+        rows,
+        params,
+        root / report_dir,
+        run_id,
+        meta.get("wall_s", 0.0),
+        [r.get("experiment", "") for r in records],
+        revisions[0],
+        records,
+        default,
+        code_revision(root),
+    )
+    return {
+        "run_id": run_id,
+        "arms": len(arms),
+        "rows": rows,
+        "report": str(report),
+        "mlflow_parent_run": None,
+        "wall_s": meta.get("wall_s", 0.0),
     }

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from saap.evaluation.intervals import paired_difference, paired_ratio
+from saap.errors import DataError
+from saap.evaluation.intervals import Interval, paired_difference, paired_ratio
 from saap.methods import METHODS
 
 
@@ -114,6 +115,166 @@ def _add_intervals(rows, row_docs, dense_docs, resamples: int) -> None:
             )
             rows[i]["vs_best"] = "below best" if diff.upper < 0 else "not separated"
             rows[i]["vs_best_difference"] = diff.as_dict()
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom; above 30 the
+# normal quantile 1.960 is within 4% of them
+T95 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
+    8: 2.306, 9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042,
+}  # fmt: skip
+
+
+def t95(df: int) -> float:
+    """The 95% two-sided t quantile for ``df`` degrees of freedom (the tabulated
+    one at or below ``df``: conservative between table entries)."""
+    if df < 1:
+        raise DataError(f"a t interval needs at least 1 degree of freedom, got {df}")
+    if df > 30:
+        return 1.960
+    return T95[max(k for k in T95 if k <= df)]
+
+
+def seed_ratio(candidate, reference) -> Interval:
+    """Ratio of ``candidate`` to ``reference`` paired by seed (e.g. perplexity of
+    two methods pruned from the same calibration windows): the geometric mean of
+    the per-seed ratios with the 95% t-interval of their mean log. Its spread is
+    that of the calibration draw, not of the evaluation documents."""
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if candidate.shape != reference.shape or len(candidate) < 2:
+        raise DataError(
+            f"a seed-paired ratio needs the same seeds, at least 2: got "
+            f"{len(candidate)} and {len(reference)} values"
+        )
+    if (candidate <= 0).any() or (reference <= 0).any():
+        raise DataError("a seed-paired ratio needs positive values (perplexity, KL)")
+    logs = np.log(candidate / reference)
+    mean = float(logs.mean())
+    half = t95(len(logs) - 1) * float(logs.std(ddof=1)) / len(logs) ** 0.5
+    return Interval(
+        float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half)),
+        0.95, 0, len(logs),
+    )  # fmt: skip
+
+
+SEED_METRICS = {"ptb": "PTB ppl", "wiki": "Wiki ppl", "kl": "KL to dense"}
+
+
+def _seed_values(record: dict, metric: str) -> dict[int, float]:
+    """Per seed, one lower-is-better figure of a pruning-only arm."""
+    out = {}
+    for seed in record["seeds"]:
+        if metric == "kl":
+            if seed.get("kl"):
+                out[seed["seed"]] = seed["kl"]["value"]
+        else:
+            out[seed["seed"]] = seed["ppl"][metric]
+    return out
+
+
+def is_baseline(method: str) -> bool:
+    """A published method the comparison runs against: not scored by SAAP."""
+    return method in METHODS and METHODS[method].importance != "saap"
+
+
+def against_baselines(records: list[dict], default: str) -> list[dict]:
+    """SAAP's default arm against every baseline of the same ratio, paired over
+    calibration seeds, on PTB and Wikipedia perplexity and KL to dense (all lower
+    is better): per metric, each baseline's mean and sd, SAAP / baseline with its
+    95% t-interval and a verdict, and which baseline is best. ``margin_over_sd``
+    answers the comparison's goal "ahead of the best baseline by more than the
+    larger seed sd" (best baseline mean minus SAAP's mean, over the larger sd)."""
+    out = []
+    for ratio in sorted({r["ratio"] for r in records if r["method"] == default}):
+        ours = next(
+            r for r in records if r["method"] == default and r["ratio"] == ratio
+        )
+        baselines = [
+            r
+            for r in sorted(records, key=_order)
+            if r["ratio"] == ratio and is_baseline(r["method"])
+        ]
+        for metric, name in SEED_METRICS.items():
+            mine = _seed_values(ours, metric)
+            if len(mine) < 2:
+                continue
+            entry = {
+                "ratio": ratio,
+                "metric": metric,
+                "name": name,
+                "default": default,
+                "value": _mean_spread(list(mine.values())),
+                "baselines": [],
+            }
+            for record in baselines:
+                theirs = _seed_values(record, metric)
+                seeds = sorted(set(mine) & set(theirs))
+                if len(seeds) < 2:
+                    continue
+                ratio_ci = seed_ratio(
+                    [mine[s] for s in seeds], [theirs[s] for s in seeds]
+                )
+                verdict = (
+                    "ahead"
+                    if ratio_ci.upper < 1
+                    else "behind"
+                    if ratio_ci.lower > 1
+                    else "not separated"
+                )
+                entry["baselines"].append(
+                    {
+                        "method": record["method"],
+                        "label": record["label"],
+                        "value": _mean_spread([theirs[s] for s in seeds]),
+                        "ratio": ratio_ci.as_dict(),
+                        "verdict": verdict,
+                    }
+                )
+            if not entry["baselines"]:
+                continue
+            best = min(entry["baselines"], key=lambda b: b["value"][0])
+            larger_sd = max(best["value"][1], entry["value"][1])
+            entry["best"] = best["method"]
+            entry["margin"] = best["value"][0] - entry["value"][0]
+            entry["larger_sd"] = larger_sd
+            entry["margin_over_sd"] = entry["margin"] > larger_sd
+            out.append(entry)
+    return out
+
+
+def baselines_table(entries: list[dict]) -> str:
+    """The Markdown of :func:`against_baselines`: one row per ratio, metric and
+    baseline, then one goal line per ratio and metric."""
+    lines = [
+        "| ratio | metric | baseline | baseline mean ± sd | SAAP default / baseline "
+        "[95% t over seeds] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    goals = []
+    for entry in entries:
+        digits = 3 if entry["metric"] == "kl" else 1
+        for b in entry["baselines"]:
+            r = b["ratio"]
+            lines.append(
+                f"| {entry['ratio']:.0%} | {entry['name']} | {b['label']} | "
+                f"{_pm(b['value'], digits)} | {r['value']:.3f} [{r['lower']:.3f}, "
+                f"{r['upper']:.3f}] | {b['verdict']} |"
+            )
+        best = next(b for b in entry["baselines"] if b["method"] == entry["best"])
+        goals.append(
+            f"- {entry['ratio']:.0%}, {entry['name']}: SAAP default "
+            f"{_pm(entry['value'], digits)}, best baseline {best['label']} "
+            f"{_pm(best['value'], digits)} ({best['verdict']}); ahead by "
+            f"{entry['margin']:.{digits}f} against the larger seed sd "
+            f"{entry['larger_sd']:.{digits}f}: goal "
+            + (
+                "met"
+                if entry["margin_over_sd"] and best["verdict"] == "ahead"
+                else "missed"
+            )
+        )
+    return "\n".join(lines + [""] + goals)
 
 
 def _order(record: dict) -> tuple:

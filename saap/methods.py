@@ -89,6 +89,20 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
     )
 
 
+def default_method(prune: PruneParams) -> str | None:
+    """The comparison method whose scores, allocation and compensation are those
+    of the ``prune`` section (the pipeline's default), or None if none is."""
+    for name, spec in METHODS.items():
+        if (
+            spec.importance == prune.importance
+            and spec.allocation == prune.allocation
+            and spec.bias_compensation == prune.bias_compensation
+            and spec.least_squares == prune.least_squares
+        ):
+            return name
+    return None
+
+
 def build_arm_plan(
     scores, shapes, total: int, params: PruneParams, measure_sensitivity=None
 ) -> Plan:

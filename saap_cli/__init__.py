@@ -124,6 +124,13 @@ def compare(
     report_dir: Annotated[
         str, typer.Option(help="Folder of results.md and figures/")
     ] = "docs",
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            help="Render the report again from the arms of --run-id as gathered "
+            "(runs no arm, logs no MLflow run)"
+        ),
+    ] = False,
 ) -> None:
     """Run the compare flow: every method and ratio of params.yaml:compare as a
     DVC experiment, gathered into docs/results.md, plots and MLflow runs."""
@@ -132,7 +139,10 @@ def compare(
 
     try:
         summary = compare_flow(
-            project=str(project.resolve()), run_id=run_id, report_dir=report_dir
+            project=str(project.resolve()),
+            run_id=run_id,
+            report_dir=report_dir,
+            report_only=report_only,
         )
     except SaapError as exc:
         typer.echo(f"error: {exc}", err=True)

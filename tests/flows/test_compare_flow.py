@@ -133,6 +133,32 @@ def test_compare_runs_each_arm_as_a_dvc_experiment_and_gathers(project):
         1
     ] == report_text.split("|", 1)[1]
 
+    # the report rendered again from the gathered arms runs nothing, logs nothing
+    from saap.errors import DataError, ParamsError
+
+    def experiment_names():
+        return {
+            row["Experiment"]
+            for row in dvc.api.exp_show(repo=str(project))
+            if row.get("Experiment")
+        }
+
+    runs_before = len(client.search_runs([experiment.experiment_id]))
+    experiments_before = experiment_names()
+    only = compare(
+        project=str(project), run_id="t1", report_dir="report", report_only=True
+    )
+    assert only["mlflow_parent_run"] is None
+    assert [r["ppl"] for r in only["rows"]] == [r["ppl"] for r in rows]
+    assert len(client.search_runs([experiment.experiment_id])) == runs_before
+    assert experiment_names() == experiments_before
+    with pytest.raises(ParamsError, match="--run-id"):
+        compare(project=str(project), report_dir="report", report_only=True)
+    with pytest.raises(DataError, match="no gathered arm for dense @ 0.0"):
+        compare(
+            project=str(project), run_id="t9", report_dir="report", report_only=True
+        )
+
     # an arm gathered under another code revision is re-run, not reused
     gathered = project / "artifacts/compare/runs/t1/random-0.3.json"
     stale = json.loads(gathered.read_text())

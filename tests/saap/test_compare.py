@@ -3,14 +3,23 @@ attention fallback at high ratios, recovery choice, and the gathered table."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from saap.comparison import results_table, summarise
-from saap.errors import ParamsError
+from saap.comparison import (
+    against_baselines,
+    baselines_table,
+    results_table,
+    seed_ratio,
+    summarise,
+    t95,
+)
+from saap.errors import DataError, ParamsError
 from saap.importance.estimators import collect_for
 from saap.methods import (
     METHODS,
     build_arm_plan,
+    default_method,
     prune_params_for,
     recovery_methods,
 )
@@ -183,3 +192,87 @@ def test_summary_separates_rows_only_where_the_paired_interval_does():
     assert by_method["random"]["kl"] == (2.0, 0.0)
     table = results_table(rows)
     assert "not separated" in table and "below best" in table
+
+
+def _seeds(ptb: list[float], kl: list[float]) -> list[dict]:
+    return [
+        {"seed": i, "ppl": {"ptb": p, "wiki": p / 2}, "kl": {"value": k}}
+        for i, (p, k) in enumerate(zip(ptb, kl, strict=True))
+    ]
+
+
+def _record(method: str, ratio: float, ptb: list[float], kl: list[float]) -> dict:
+    return {"method": method, "label": method, "ratio": ratio, "seeds": _seeds(ptb, kl)}
+
+
+def test_default_is_paired_with_every_baseline_over_seeds():
+    records = [
+        _record("saap_ls", 0.2, [100.0, 110.0, 105.0], [0.50, 0.52, 0.51]),
+        # ahead of flap on every seed by about 10%, clearly
+        _record("flap", 0.2, [110.0, 121.0, 115.5], [0.55, 0.57, 0.56]),
+        # wanda_sp: worse on average but noisy, so not separated
+        _record("wanda_sp", 0.2, [90.0, 140.0, 100.0], [0.40, 0.60, 0.55]),
+        # other SAAP variants and dense are not baselines
+        _record("saap", 0.2, [200.0, 210.0, 205.0], [0.9, 0.9, 0.9]),
+        {"method": "dense", "label": "Dense", "ratio": 0.0, "seeds": []},
+    ]
+    entries = {e["metric"]: e for e in against_baselines(records, "saap_ls")}
+    assert set(entries) == {"ptb", "wiki", "kl"}
+    ptb = entries["ptb"]
+    by = {b["method"]: b for b in ptb["baselines"]}
+    assert set(by) == {"flap", "wanda_sp"}
+    assert by["flap"]["verdict"] == "ahead"
+    assert by["flap"]["ratio"]["value"] == pytest.approx(1 / 1.1)
+    assert by["wanda_sp"]["verdict"] == "not separated"
+    # the best baseline is the lowest mean: wanda_sp (110.0) against flap (115.5)
+    assert ptb["best"] == "wanda_sp"
+    assert ptb["margin"] == pytest.approx(110.0 - 105.0)
+    assert ptb["margin_over_sd"] is False  # wanda's sd (26.5) exceeds the margin
+    table = baselines_table(list(entries.values()))
+    assert (
+        "| 20% | PTB ppl | flap | 115.5 ± 5.5 | 0.909 [0.909, 0.909] | ahead |" in table
+    )
+    assert "- 20%, PTB ppl: SAAP default 105.0 ± 5.0, best baseline wanda_sp" in table
+    assert table.count("goal missed") == 3
+
+
+def test_default_method_is_the_arm_of_the_prune_section():
+    prune = PruneParams(importance="saap", allocation="adaptive", least_squares=True)
+    assert default_method(prune) == "saap_ls"
+    assert default_method(prune.model_copy(update={"least_squares": False})) == "saap"
+    bias = prune.model_copy(update={"least_squares": False, "bias_compensation": True})
+    assert default_method(bias) == "saap_bc"
+    assert default_method(prune.model_copy(update={"allocation": "uniform"})) is None
+
+
+def test_seed_ratio_is_the_geometric_mean_with_a_t_interval():
+    # log ratios 0.1, 0.2, 0.3: mean 0.2, sd 0.1, 2 degrees of freedom (t 4.303)
+    reference = np.array([10.0, 20.0, 30.0])
+    candidate = reference * np.exp([0.1, 0.2, 0.3])
+    interval = seed_ratio(candidate, reference)
+    half = 4.303 * 0.1 / 3**0.5
+    assert interval.value == pytest.approx(np.exp(0.2))
+    assert interval.lower == pytest.approx(np.exp(0.2 - half))
+    assert interval.upper == pytest.approx(np.exp(0.2 + half))
+    assert interval.n == 3
+    # the same ratio on every seed: no spread, whatever the scale of the values
+    same = seed_ratio(reference * 0.9, reference)
+    assert same.lower == pytest.approx(0.9) and same.upper == pytest.approx(0.9)
+    assert seed_ratio(reference, candidate).value == pytest.approx(np.exp(-0.2))
+
+
+def test_seed_ratio_refuses_what_it_cannot_pair():
+    with pytest.raises(DataError, match="same seeds, at least 2"):
+        seed_ratio([1.0], [2.0])
+    with pytest.raises(DataError, match="same seeds"):
+        seed_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(DataError, match="positive"):
+        seed_ratio([1.0, 0.0], [1.0, 2.0])
+
+
+def test_t_quantiles_are_conservative_between_table_entries():
+    assert t95(2) == pytest.approx(4.303)
+    assert t95(11) == t95(10)  # the larger quantile of the two neighbours
+    assert t95(100) == pytest.approx(1.960)
+    with pytest.raises(DataError, match="degree of freedom"):
+        t95(0)
