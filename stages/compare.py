@@ -29,7 +29,7 @@ import torch
 from saap.atomic import atomic_dir, write_json
 from saap.calibration import load_calibration
 from saap.errors import DataError, SaapError
-from saap.evaluation.bench import benchmark_with
+from saap.evaluation.bench import benchmark_against, benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import check_tasks
 from saap.methods import (
@@ -108,19 +108,24 @@ def evaluation_row(metrics: dict, documents: dict) -> dict:
     }
 
 
-def bench_row(model, tokenizer, params: CompareParams, bench: BenchParams) -> dict:
+def bench_row(
+    model, tokenizer, params: CompareParams, bench: BenchParams, dense=None
+) -> dict:
     """Edge metrics of a bf16 copy of ``model`` (saved to a temporary folder for
-    its on-disk size)."""
+    its on-disk size); with ``dense`` (bf16), timed interleaved with it in this
+    process, so ``speedup_vs_dense`` carries a paired interval over the rounds."""
     model = _copy(model).to(compute_dtype())
+    settings = bench.model_copy(
+        update={
+            "decode_tokens": params.bench_decode_tokens,
+            "repeats": params.bench_repeats,
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="saap-bench-") as tmp:
         save_checkpoint(model, tokenizer, Path(tmp))
-        return benchmark_with(
-            model,
-            Path(tmp),
-            bench,
-            decode_tokens=params.bench_decode_tokens,
-            repeats=params.bench_repeats,
-        )
+        if dense is not None:
+            return benchmark_against(model, Path(tmp), dense, settings)
+        return benchmark_with(model, Path(tmp), settings)
 
 
 def run_arm(
@@ -226,7 +231,9 @@ def run_arm(
         )
         if first_pruned is None:
             first_pruned, first_plan = pruned, plan
-    record["bench"] = bench_row(first_pruned, tokenizer, params, bench_base)
+    record["bench"] = bench_row(
+        first_pruned, tokenizer, params, bench_base, dense=reference
+    )
 
     for ft_method in recovery_methods(method, params):
         if records is None:
