@@ -129,6 +129,22 @@ VARIANTS: dict[str, dict] = {
     ),
     "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps, "
     "refit between": TWO_STEPS,
+    # the default's scores under FLAP's allocation, and FLAP's fluctuation fused
+    # as a third metric: which part of FLAP + the same refit wins at 50%
+    "SAAP element1+wanda_sp, global, + sequential least squares, ridge chosen": dict(
+        saap_metrics=MIXED,
+        allocation="global",
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+    ),
+    "SAAP element1+wanda_sp+flap, adaptive, + sequential least squares, ridge "
+    "chosen": dict(
+        saap_metrics=[*MIXED, "flap"],
+        least_squares=True,
+        least_squares_inputs="pruned",
+        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+    ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
