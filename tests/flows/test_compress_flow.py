@@ -96,8 +96,13 @@ def test_full_flow_registers_and_promotes(project):
     assert "llama.cpp f16 GGUF" in version.tags["gate.decode_speedup.detail"]
     bench = json.loads((project / "metrics/bench/finetuned.json").read_text())
     assert bench["llamacpp"]["types"]["q8_0"]["speedup"]["decode"]["n"] == 4
+    # only dense and the benchmarked variants are exported
+    assert sorted(p.name for p in (project / "models/gguf").iterdir()) == [
+        "dense",
+        "finetuned",
+    ]
     # benchmarking one more variant leaves the others' results: only its
-    # bench stage is stale
+    # export and bench stages are stale
     original = (project / "params.yaml").read_text()
     set_params(project, bench={"variants": ["pruned", "finetuned"]})
     try:
@@ -110,7 +115,7 @@ def test_full_flow_registers_and_promotes(project):
         )
     finally:
         (project / "params.yaml").write_text(original)
-    assert set(json.loads(status.stdout)) == {"bench@pruned"}
+    assert set(json.loads(status.stdout)) == {"export@pruned", "bench@pruned"}
 
 
 def test_noop_rerun_runs_no_stage(project):
