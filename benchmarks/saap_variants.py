@@ -64,6 +64,12 @@ TWO_STEPS: dict = dict(
     prune_attention=True,
     iterations=2,
 )
+# SAAP's default compensation: the sequential refit, ridge chosen per projection
+SEQUENTIAL_LS: dict = dict(
+    least_squares=True,
+    least_squares_inputs="pruned",
+    ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+)
 # label -> prune overrides (on top of NEUTRAL)
 VARIANTS: dict[str, dict] = {
     "LLM-Pruner element1, uniform (reference)": dict(
@@ -132,18 +138,21 @@ VARIANTS: dict[str, dict] = {
     # the default's scores under FLAP's allocation, and FLAP's fluctuation fused
     # as a third metric: which part of FLAP + the same refit wins at 50%
     "SAAP element1+wanda_sp, global, + sequential least squares, ridge chosen": dict(
-        saap_metrics=MIXED,
-        allocation="global",
-        least_squares=True,
-        least_squares_inputs="pruned",
-        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+        saap_metrics=MIXED, allocation="global", **SEQUENTIAL_LS
     ),
     "SAAP element1+wanda_sp+flap, adaptive, + sequential least squares, ridge "
-    "chosen": dict(
-        saap_metrics=[*MIXED, "flap"],
-        least_squares=True,
-        least_squares_inputs="pruned",
-        ridge_grid=[0.03, 0.1, 0.3, 1.0, 3.0],
+    "chosen": dict(saap_metrics=[*MIXED, "flap"], **SEQUENTIAL_LS),
+    # ablation of the default, one part off at a time, the refit kept: uniform
+    # allocation; one score instead of the fusion (the refit off is the row
+    # "SAAP element1+wanda_sp, adaptive")
+    "SAAP element1+wanda_sp, uniform, + sequential least squares, ridge chosen": dict(
+        saap_metrics=MIXED, allocation="uniform", **SEQUENTIAL_LS
+    ),
+    "element1 only, adaptive, + sequential least squares, ridge chosen": dict(
+        importance="taylor_element1", **SEQUENTIAL_LS
+    ),
+    "Wanda-sp only, adaptive, + sequential least squares, ridge chosen": dict(
+        importance="wanda_sp", **SEQUENTIAL_LS
     ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
