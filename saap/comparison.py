@@ -1,6 +1,7 @@
 """The comparison's report: arm records gathered into rows (means and spreads
 over seeds, paired retention intervals against dense, separation from the best
-row of each ratio), the Markdown table and the plots. The arms themselves are
+row of each ratio), SAAP's default paired with every baseline over seeds, the
+Markdown tables and the plots. The arms themselves are
 run by ``stages/compare.py``; the method table is ``saap/methods.py``."""
 
 from __future__ import annotations
