@@ -154,6 +154,9 @@ VARIANTS: dict[str, dict] = {
     "Wanda-sp only, adaptive, + sequential least squares, ridge chosen": dict(
         importance="wanda_sp", **SEQUENTIAL_LS
     ),
+    "FLAP only, adaptive, + sequential least squares, ridge chosen": dict(
+        importance="flap", **SEQUENTIAL_LS
+    ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
