@@ -85,6 +85,11 @@ def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> di
     return record
 
 
+def arm_file(gathered: Path, method: str, ratio: float) -> Path:
+    """Where a comparison run keeps the record of one arm."""
+    return gathered / f"{method}-{ratio}.json"
+
+
 def code_revision(root: Path) -> str:
     """The code and params an arm ran with: git HEAD, plus a hash of the
     uncommitted changes to tracked files and of params.yaml without the arm's own
@@ -298,9 +303,9 @@ def log_to_mlflow(
             for key, value in metrics.items():
                 client.log_metric(cid, key, float(value))
         with_path = root / "artifacts" / "compare" / "runs" / run_id
-        arm_file = with_path / f"{record['method']}-{record['ratio']}.json"
-        if arm_file.is_file():
-            client.log_artifact(cid, str(arm_file))
+        gathered_file = arm_file(with_path, record["method"], record["ratio"])
+        if gathered_file.is_file():
+            client.log_artifact(cid, str(gathered_file))
         client.set_terminated(cid, "FINISHED")
     client.set_terminated(pid, "FINISHED")
     return pid
@@ -344,7 +349,7 @@ def compare(
             repro_stage(str(root), IMPORTANCE_STAGE)
             revision = code_revision(root)
             for method, ratio in arms:
-                path = gathered / f"{method}-{ratio}.json"
+                path = arm_file(gathered, method, ratio)
                 if path.is_file():
                     earlier = json.loads(path.read_text())
                     if earlier.get("revision") == revision:
@@ -412,7 +417,7 @@ def _report_only(
             "folders of artifacts/compare/runs/)"
         )
     gathered = root / "artifacts" / "compare" / "runs" / run_id
-    paths = {arm: gathered / f"{arm[0]}-{arm[1]}.json" for arm in arms}
+    paths = {(m, r): arm_file(gathered, m, r) for m, r in arms}
     missing = [f"{m} @ {r}" for (m, r), path in paths.items() if not path.is_file()]
     if missing:
         raise DataError(
