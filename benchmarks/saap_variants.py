@@ -28,6 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from saap.calibration import make_calibration
+from saap.comparison import t95
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
@@ -165,7 +166,6 @@ VARIANTS: dict[str, dict] = {
 REFERENCE = next(iter(VARIANTS))
 # iterative variants whose later steps score the compensated model
 REFIT_BETWEEN = {label for label in VARIANTS if label.endswith("refit between")}
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 9: 2.26}
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -173,7 +173,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = T95.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
+    half = t95(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return mean, mean - half, mean + half
 
 
