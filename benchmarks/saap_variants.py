@@ -158,6 +158,40 @@ VARIANTS: dict[str, dict] = {
     "FLAP only, adaptive, + sequential least squares, ridge chosen": dict(
         importance="flap", **SEQUENTIAL_LS
     ),
+    # the fusion on the rank scale (saap/fusion.py): a metric's weight from the
+    # stability of its ranking, not of its mean-normalised values
+    "SAAP rank element1+wanda_sp, adaptive, + sequential least squares, ridge "
+    "chosen": dict(importance="saap_rank", saap_metrics=MIXED, **SEQUENTIAL_LS),
+    "SAAP rank element1+wanda_sp+flap, adaptive, + sequential least squares, "
+    "ridge chosen": dict(
+        importance="saap_rank", saap_metrics=[*MIXED, "flap"], **SEQUENTIAL_LS
+    ),
+    "SAAP rank element1+flap, adaptive, + sequential least squares, ridge chosen": dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        **SEQUENTIAL_LS,
+    ),
+    "SAAP rank element1+wanda_sp+flap, global, + sequential least squares, "
+    "ridge chosen": dict(
+        importance="saap_rank",
+        saap_metrics=[*MIXED, "flap"],
+        allocation="global",
+        **SEQUENTIAL_LS,
+    ),
+    # two steps with the refit between, MLP only (what 20% needs), and with the
+    # rank-scale fusion of element1 and FLAP's fluctuation
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps, "
+    "MLP only, refit between": TWO_STEPS | dict(prune_attention=False),
+    "SAAP rank element1+flap, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between": TWO_STEPS
+    | dict(importance="saap_rank", saap_metrics=["taylor_element1", "flap"]),
+    "SAAP rank element1+flap, + sequential least squares, ridge chosen, 2 steps, "
+    "MLP only, refit between": TWO_STEPS
+    | dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        prune_attention=False,
+    ),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
@@ -242,13 +276,14 @@ def main() -> None:
         scores = scores_from_stats(stats, estimators, seed, {"num_layers": len(shapes)})
         seconds[seed] = time.perf_counter() - started
         sigmas[seed] = {
-            kind: {
+            f"{kind}{suffix}": {
                 m: jackknife_sigma(
-                    torch.cat([r[kind] for r in scores.replicates[m]], 1)
+                    torch.cat([r[kind] for r in scores.replicates[m]], 1), scale
                 )
                 for m in ALL4
                 if m in scores.replicates
             }
+            for scale, suffix in (("mean", ""), ("rank", ", rank"))
             for kind in ("mlp", "q_head")
         }
         print(
@@ -359,7 +394,8 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
-        "## Jackknife sigma per metric (mean-normalised scores, per seed)",
+        "## Jackknife sigma per metric (mean-normalised scores; ', rank': ranks, "
+        "per seed)",
         "",
         "| seed | kind | " + " | ".join(next(iter(sigmas.values()))["mlp"]) + " |",
         "|---|---|" + "---:|" * len(next(iter(sigmas.values()))["mlp"]),

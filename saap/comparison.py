@@ -13,6 +13,7 @@ import numpy as np
 
 from saap.errors import DataError
 from saap.evaluation.intervals import Interval, paired_difference, paired_ratio
+from saap.importance.estimators import ESTIMATORS
 from saap.methods import METHODS
 
 
@@ -187,7 +188,10 @@ def _seed_values(record: dict, metric: str) -> dict[int, float]:
 
 def is_baseline(method: str) -> bool:
     """A published method the comparison runs against: not scored by SAAP."""
-    return method in METHODS and METHODS[method].importance != "saap"
+    if method not in METHODS:
+        return False
+    importance = METHODS[method].importance
+    return not (importance in ESTIMATORS and ESTIMATORS[importance].derived)
 
 
 def against_baselines(records: list[dict], default: str) -> list[dict]:

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from saap.errors import PruningError
-from saap.importance.estimators import collect_for
+from saap.importance.estimators import ESTIMATORS, collect_for
 from saap.model import count_params, layer_shapes
 from saap.params import PruneParams
 from saap.plan import LayerPlan, Plan, plan_from_scores
@@ -122,7 +122,7 @@ def iterative_plan(
     target = round(params.ratio * base_total)
     estimators = (
         list(params.saap_metrics)
-        if params.importance == "saap"
+        if ESTIMATORS[params.importance].derived
         else [params.importance]
     )
     current, plan, scores = model, None, first_scores

@@ -263,17 +263,14 @@ def random(
 SAAP_METRICS = ("taylor_element1", "wanda_sp")
 
 
-@derived("saap", inputs=SAAP_METRICS)
-def saap_fusion(scores, metrics: tuple[str, ...] = SAAP_METRICS):
-    """SAAP: the metrics fused under homoscedastic uncertainty (saap/fusion.py),
-    per kind over all layers, each metric's sigma the jackknife standard error of
-    its mean-normalised scores; details: the sigma of each metric per kind."""
+def _fused(scores, metrics: tuple[str, ...], scale: str):
     sigmas: dict[str, dict[str, float]] = {}
     fused_layers: list[UnitScores] = [{} for _ in range(scores.num_layers)]
     for kind in KINDS:
         sigmas[kind] = {
             metric: jackknife_sigma(
-                torch.cat([layer[kind] for layer in scores.replicates[metric]], 1)
+                torch.cat([layer[kind] for layer in scores.replicates[metric]], 1),
+                scale,
             )
             for metric in metrics
         }
@@ -281,9 +278,26 @@ def saap_fusion(scores, metrics: tuple[str, ...] = SAAP_METRICS):
         observed = {
             m: torch.cat([layer[kind] for layer in scores.scores[m]]) for m in metrics
         }
-        for index, part in enumerate(torch.split(fuse(observed, sigmas[kind]), sizes)):
+        fused = fuse(observed, sigmas[kind], scale)
+        for index, part in enumerate(torch.split(fused, sizes)):
             fused_layers[index][kind] = part
-    return fused_layers, {"sigmas": sigmas}
+    return fused_layers, {"sigmas": sigmas, "scale": scale}
+
+
+@derived("saap", inputs=SAAP_METRICS)
+def saap_fusion(scores, metrics: tuple[str, ...] = SAAP_METRICS):
+    """SAAP: the metrics fused under homoscedastic uncertainty (saap/fusion.py),
+    per kind over all layers, each metric's sigma the jackknife standard error of
+    its mean-normalised scores; details: the sigma of each metric per kind."""
+    return _fused(scores, metrics, "mean")
+
+
+@derived("saap_rank", inputs=SAAP_METRICS)
+def saap_rank_fusion(scores, metrics: tuple[str, ...] = SAAP_METRICS):
+    """SAAP's fusion on the rank scale (saap/fusion.py): each metric replaced by
+    its rank among the groups of a kind, its sigma the jackknife standard error of
+    those ranks (how stable its ordering is over calibration windows)."""
+    return _fused(scores, metrics, "rank")
 
 
 def base_names() -> list[str]:

@@ -82,5 +82,6 @@ def test_sigma_is_zero_on_identical_windows(tiny_model_dir, windows):
             assert jackknife_sigma(stacked) == pytest.approx(0.0, abs=1e-3), name
             spread = torch.cat([r[kind] for r in varied.replicates[name]], 1)
             assert jackknife_sigma(spread) > 1e-2, name
-    _, details = scores.estimate("saap", FUSABLE)
-    assert all(s < 1e-3 for s in details["sigmas"]["mlp"].values())
+    for fusion in ("saap", "saap_rank"):
+        _, details = scores.estimate(fusion, FUSABLE)
+        assert all(s < 1e-3 for s in details["sigmas"]["mlp"].values()), fusion

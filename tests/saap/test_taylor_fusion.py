@@ -81,7 +81,8 @@ def test_jackknife_sigma_is_zero_on_identical_windows_grows_with_noise():
     )
 
 
-def test_fused_ranking_is_the_certain_metrics_when_the_other_is_noise():
+@pytest.mark.parametrize("scale", ["mean", "rank"])
+def test_fused_ranking_is_the_certain_metrics_when_the_other_is_noise(scale):
     generator = torch.Generator().manual_seed(3)
     windows, groups = 32, 60
     signal = torch.linspace(1.0, 2.0, groups)[
@@ -92,15 +93,17 @@ def test_fused_ranking_is_the_certain_metrics_when_the_other_is_noise():
     noise = torch.randn(windows, groups, generator=generator)
     scores = {"certain": certain.mean(0), "noise": noise.mean(0).abs()}
     sigmas = {
-        "certain": jackknife_sigma(leave_one_out(certain)),
-        "noise": jackknife_sigma(leave_one_out(noise).abs()),
+        "certain": jackknife_sigma(leave_one_out(certain), scale),
+        "noise": jackknife_sigma(leave_one_out(noise).abs(), scale),
     }
-    assert sigmas["certain"] < 0.01 < 0.3 < sigmas["noise"]
-    fused = fuse(scores, sigmas)
+    assert sigmas["certain"] < 0.05 < 0.2 < sigmas["noise"]
+    fused = fuse(scores, sigmas, scale)
     assert torch.equal(fused.argsort(), scores["certain"].argsort())
     # and rescaling either metric changes nothing
     rescaled = fuse(
-        {"certain": scores["certain"] * 1e3, "noise": scores["noise"] * 1e-3}, sigmas
+        {"certain": scores["certain"] * 1e3, "noise": scores["noise"] * 1e-3},
+        sigmas,
+        scale,
     )
     assert torch.equal(rescaled.argsort(), fused.argsort())
 
@@ -145,3 +148,39 @@ def test_fusion_weights_follow_uncertainty():
 def test_jackknife_needs_two_windows():
     with pytest.raises(ValueError, match="at least 2 calibration windows"):
         jackknife_sigma(torch.ones(1, 5))
+
+
+def test_rank_scale_keeps_a_heavy_tailed_metric_whose_ordering_is_stable():
+    """A few outlier groups whose values swing with the windows inflate the
+    mean-scale sigma; their ranks (and everyone else's) do not move, so the rank
+    scale gives the metric its weight back."""
+    generator = torch.Generator().manual_seed(5)
+    windows, groups = 16, 80
+    base = torch.linspace(1.0, 2.0, groups)[torch.randperm(groups, generator=generator)]
+    base[:3] = torch.tensor([200.0, 300.0, 400.0])
+    swing = torch.ones(windows, groups)
+    swing[:, :3] = 1 + 0.9 * torch.rand(windows, 3, generator=generator)
+    heavy = (
+        base * swing * (1 + 1e-4 * torch.randn(windows, groups, generator=generator))
+    )
+    replicates = leave_one_out(heavy)
+    assert jackknife_sigma(replicates, "mean") > 0.1
+    assert jackknife_sigma(replicates, "rank") < 0.01
+
+
+def test_rank_scale_is_unchanged_by_a_monotone_transform():
+    generator = torch.Generator().manual_seed(2)
+    a, b = torch.rand(30, generator=generator), torch.rand(30, generator=generator)
+    sigmas = {"a": 0.1, "b": 0.3}
+    fused = fuse({"a": a, "b": b}, sigmas, "rank")
+    transformed = fuse({"a": a.pow(3) * 7, "b": b.exp()}, sigmas, "rank")
+    assert torch.equal(fused, transformed)
+    assert not torch.equal(
+        fuse({"a": a, "b": b}, sigmas).argsort(),
+        fuse({"a": a.pow(3) * 7, "b": b.exp()}, sigmas).argsort(),
+    )
+
+
+def test_unknown_fusion_scale_is_named():
+    with pytest.raises(ValueError, match="unknown fusion scale 'median'"):
+        fuse({"a": torch.ones(3)}, {"a": 0.1}, "median")
