@@ -54,6 +54,7 @@ NEUTRAL: dict = dict(
     ridge=1.0,
     ridge_grid=None,
     iterations=1,
+    max_step_ratio=None,
     width_multiple=1,
 )
 # SAAP's default compensation, attention pruned, in two steps
@@ -304,7 +305,7 @@ def main() -> None:
                     | NEUTRAL
                     | overrides
                 )
-                if params.iterations > 1:
+                if params.steps > 1:
                     build = None
                     if label in REFIT_BETWEEN:
                         build = compensating_build(

@@ -1,5 +1,6 @@
 """Iterative pruning: the target reached in several smaller steps, the model
-re-scored between them (``prune.iterations``).
+re-scored between them (``prune.iterations``, or more where a step would remove
+more than ``prune.max_step_ratio``: :attr:`saap.params.PruneParams.steps`).
 
 Step ``k`` of ``n`` removes what brings the total removed to ``k/n`` of the
 target, planned on the model pruned by the steps before it, from calibration
@@ -107,11 +108,11 @@ def iterative_plan(
     build: Callable[[Plan], torch.nn.Module] | None = None,
 ) -> Plan:
     """The plan reaching ``params.ratio`` of ``model``'s parameters in
-    ``params.iterations`` steps; ``first_scores`` (the importance stage's) plan the
+    ``params.steps`` steps; ``first_scores`` (the importance stage's) plan the
     first step, fresh statistics of the pruned model each later one. ``build``
     makes that pruned model from the plan so far (on ``model``); default: the
     plain slice, ``prune_model(model, plan)``."""
-    steps = params.iterations
+    steps = params.steps
     if params.allocation in ("layers", "sensitivity") or params.ppl_bound is not None:
         raise PruningError(
             f"prune.iterations {steps} works with the uniform, global and adaptive "
@@ -136,7 +137,11 @@ def iterative_plan(
         removed = base_total - total
         goal = round(target * step / steps)
         step_params = params.model_copy(
-            update={"ratio": max(goal - removed, 0) / total, "iterations": 1}
+            update={
+                "ratio": max(goal - removed, 0) / total,
+                "iterations": 1,
+                "max_step_ratio": None,
+            }
         )
         step_plan = plan_from_scores(scores, layer_shapes(current), total, step_params)
         plan = (
@@ -155,4 +160,39 @@ def iterative_plan(
             scores = None
     plan.ratio_requested = params.ratio
     plan.target_removed = target
+    return plan
+
+
+def stepped_plan(
+    model,
+    params: PruneParams,
+    windows: torch.Tensor,
+    scores,
+    batch_size: int,
+    holdout: torch.Tensor | None = None,
+    progress: bool = True,
+    attention_fallback: bool = False,
+) -> Plan:
+    """The plan of ``params.steps`` steps as the prune stage builds it: later
+    steps score the compensated model where ``params`` compensates (the refit
+    between steps), the compensation settings recorded in the plan. With
+    ``attention_fallback``, a ratio that MLP channels alone cannot reach prunes
+    attention heads as well (the comparison's rule, ``saap.methods.build_arm_plan``).
+    Either way a one-shot plan of the whole ratio is made first, so a ratio no
+    plan can reach (e.g. above ``max_layer_ratio`` allows) fails before any step
+    with the one-shot error."""
+    shapes, total = layer_shapes(model), count_params(model)
+    try:
+        plan_from_scores(scores, shapes, total, params)
+    except PruningError:
+        if not attention_fallback or params.prune_attention:
+            raise
+        params = params.model_copy(update={"prune_attention": True})
+        plan_from_scores(scores, shapes, total, params)
+    build = None
+    if params.least_squares or params.bias_compensation:
+        build = compensating_build(model, params, windows, scores.input_means, holdout)
+    plan = iterative_plan(model, windows, params, scores, batch_size, progress, build)
+    plan.prune_attention = params.prune_attention
+    record_compensation(plan, params)
     return plan

@@ -26,6 +26,9 @@ class Method:
     least_squares: bool = False
     # recovery methods (saap/recovery.py) run for it when compare.recover names it
     recoveries: tuple[str, ...] = ("lora",)
+    # prunes in the prune section's steps (prune.iterations, prune.max_step_ratio);
+    # the published methods prune in one shot
+    stepped: bool = False
 
 
 METHODS: Registry[Method] = Registry("comparison method", "saap/methods.py")
@@ -52,17 +55,24 @@ METHODS.add("wanda_sp", Method("Wanda-sp", "wanda_sp", "uniform"))
 # whole layers of lowest block influence; the remainder below one layer is filled
 # with MLP channels by taylor_element1 (so the budget is met exactly)
 METHODS.add("shortgpt", Method("ShortGPT", "taylor_element1", "layers"))
-METHODS.add("saap", Method("SAAP", "saap", "adaptive", recoveries=("group", "lora")))
+METHODS.add(
+    "saap",
+    Method("SAAP", "saap", "adaptive", recoveries=("group", "lora"), stepped=True),
+)
 # SAAP with FLAP's bias compensation: the part that decides 50% (see
 # docs/results.md, benchmarks/ablate_allocation.py)
 METHODS.add(
     "saap_bc",
-    Method("SAAP + bias comp.", "saap", "adaptive", bias_compensation=True),
+    Method(
+        "SAAP + bias comp.", "saap", "adaptive", bias_compensation=True, stepped=True
+    ),
 )
 # SAAP with the least-squares refit of the kept o_proj/down_proj columns and bias
 METHODS.add(
     "saap_ls",
-    Method("SAAP + least squares", "saap", "adaptive", least_squares=True),
+    Method(
+        "SAAP + least squares", "saap", "adaptive", least_squares=True, stepped=True
+    ),
 )
 
 
@@ -86,6 +96,7 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
             "least_squares": spec.least_squares,
             "ppl_bound": None,
         }
+        | ({} if spec.stepped else {"iterations": 1, "max_step_ratio": None})
     )
 
 

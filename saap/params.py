@@ -6,6 +6,7 @@ a bad value fails with its dotted path (``prune.ratio``) and what to write inste
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -117,6 +118,10 @@ class ImportanceParams(Section):
     seed: int = Field(0, description="Seed of the random estimator.")
 
 
+# the allocations that iterative pruning composes (saap/iterative.py)
+STEPPED_ALLOCATIONS = ("uniform", "global", "adaptive")
+
+
 class PruneParams(Section):
     """The pruning plan: target, scores, allocation, and what may be pruned."""
 
@@ -205,6 +210,17 @@ class PruneParams(Section):
         description="Reach the ratio in this many steps, re-scoring the pruned "
         "model between them (saap/iterative.py); 1 = one shot.",
     )
+    max_step_ratio: float | None = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Most of the base model's parameters one step removes: a "
+        "larger ratio is reached in ceil(ratio / max_step_ratio) steps (at least "
+        "`iterations`), re-scoring and, where the plan compensates, refitting "
+        "between them (at 50%: 2 steps, docs/bench_two_steps_50.md). Applies with "
+        "the uniform, global and adaptive allocations and no ppl_bound; null = "
+        "`iterations` steps.",
+    )
     width_multiple: int = Field(
         1,
         ge=1,
@@ -213,6 +229,19 @@ class PruneParams(Section):
         "target is then met within half a block of this many channels.",
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random scores.")
+
+    @property
+    def steps(self) -> int:
+        """Steps that reach ``ratio``: ``iterations``, or more where one step would
+        remove more than ``max_step_ratio`` (see its description)."""
+        if (
+            self.max_step_ratio is None
+            or self.allocation not in STEPPED_ALLOCATIONS
+            or self.ppl_bound is not None
+        ):
+            return self.iterations
+        needed = math.ceil(self.ratio / self.max_step_ratio - 1e-9)
+        return max(self.iterations, needed)
 
     @field_validator("ratio")
     @classmethod
@@ -615,17 +644,10 @@ class CompareParams(Section):
         description="Calibration seeds of the pruning-only rows (mean and spread).",
     )
     recover: list[CompareMethod] = Field(
-        default_factory=lambda: [
-            "random",
-            "llm_pruner_vector",
-            "llm_pruner_element1",
-            "llm_pruner_element2",
-            "wanda_sp",
-            "shortgpt",
-            "saap",
-        ],
+        default_factory=lambda: ["llm_pruner_element1", "saap"],
         description="Methods also fine-tuned (first seed): LoRA for baselines, "
-        "group and LoRA for saap (FLAP is retraining-free by design).",
+        "group and LoRA for saap (FLAP is retraining-free by design). At 8 steps "
+        "recovery ranks no baseline (run 20261202a), so one baseline and SAAP.",
     )
     finetune_steps: int = Field(
         8, gt=0, description="Recovery optimizer steps (finetune section otherwise)."
@@ -639,7 +661,9 @@ class CompareParams(Section):
     fidelity_windows: int = Field(
         64, gt=0, description="Held-back windows for KL to the dense model."
     )
-    bench_repeats: int = Field(3, gt=0, description="Decode benchmark repeats.")
+    bench_repeats: int = Field(
+        6, gt=0, description="Interleaved decode benchmark rounds (dense, arm)."
+    )
     bench_decode_tokens: int = Field(32, gt=0, description="Tokens per repeat.")
 
     @field_validator("ratios")

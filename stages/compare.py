@@ -32,6 +32,7 @@ from saap.errors import DataError, SaapError
 from saap.evaluation.bench import benchmark_against, benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import check_tasks
+from saap.iterative import stepped_plan
 from saap.methods import (
     METHODS,
     build_arm_plan,
@@ -143,10 +144,13 @@ def run_arm(
     eval_dir: Path,
     records: list[dict] | None,
     plans_out: Path,
+    batch_size: int = 4,
 ) -> dict:
     """Prune, evaluate, benchmark and recover one arm; return its JSON record.
 
-    ``base_model`` is the float32 base; it is not modified.
+    ``base_model`` is the float32 base; it is not modified. ``batch_size``:
+    calibration windows per backward where a method prunes in steps (the later
+    steps re-score the pruned model).
     """
     from saap.finetune import merge, split_records
     from saap.recovery import RecoveryData, recover
@@ -196,14 +200,25 @@ def run_arm(
     for seed in params.seeds:
         scores = load_scores(importance_dirs[seed])
         started = time.perf_counter()
-        plan = build_arm_plan(
-            scores, shapes, total, prune_params.model_copy(update={"seed": seed})
-        )
+        seed_params = prune_params.model_copy(update={"seed": seed})
         windows = holdout = None
-        if plan.least_squares:
+        if seed_params.least_squares or seed_params.steps > 1:
             # the seed's calibration windows are saved beside its scores
             tensors = load_calibration(importance_dirs[seed])
             windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+        if seed_params.steps > 1:
+            plan = stepped_plan(
+                base_model,
+                seed_params,
+                windows,
+                scores,
+                batch_size,
+                holdout,
+                progress=False,
+                attention_fallback=True,
+            )
+        else:
+            plan = build_arm_plan(scores, shapes, total, seed_params)
         pruned = prune_compensated(
             base_model, plan, windows, scores.input_means, holdout
         )
@@ -355,6 +370,7 @@ def arm(args: argparse.Namespace) -> None:
             args.eval,
             records,
             plans,
+            load_section(args.params, "importance").batch_size,
         )
     write_json(args.out, record)
     log.info(

@@ -17,7 +17,7 @@ from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
 from saap.errors import DataError
 from saap.evaluation.perplexity import perplexity
-from saap.iterative import compensating_build, iterative_plan
+from saap.iterative import stepped_plan
 from saap.model import compute_dtype, count_params, layer_shapes, load_model
 from saap.params import PruneParams, load_section
 from saap.plan import Plan, plan_from_scores, plot_kept_fraction
@@ -58,22 +58,19 @@ def run(
         dense = copy.deepcopy(model).to(compute_dtype())
         return measure_sensitivity(dense, group_scores, layers, windows)
 
-    if params.iterations > 1:
+    if params.steps > 1:
         # later steps re-score the pruned model on the calibration windows: the
         # compensated one where the plan compensates (what the prune stage will
         # build; benchmarks/saap_variants.py "refit between")
         calibration = load_calibration(calibration_dir)
-        windows = calibration["input_ids"]
-        build = None
-        if params.least_squares or params.bias_compensation:
-            build = compensating_build(
-                model,
-                params,
-                windows,
-                scores.input_means,
-                calibration.get("holdout_ids"),
-            )
-        plan = iterative_plan(model, windows, params, scores, batch_size, build=build)
+        plan = stepped_plan(
+            model,
+            params,
+            calibration["input_ids"],
+            scores,
+            batch_size,
+            calibration.get("holdout_ids"),
+        )
     else:
         plan = plan_from_scores(
             scores, layer_shapes(model), count_params(model), params, holdout, measure

@@ -310,3 +310,13 @@ def test_t_quantiles_are_conservative_between_table_entries():
     assert t95(100) == pytest.approx(1.960)
     with pytest.raises(DataError, match="degree of freedom"):
         t95(0)
+
+
+def test_only_saap_methods_prune_in_steps():
+    base = BASE.model_copy(update={"max_step_ratio": 0.3, "iterations": 1})
+    assert prune_params_for("saap_ls", 0.5, base).steps == 2
+    assert prune_params_for("saap", 0.2, base).steps == 1
+    for method in ("flap_ls", "flap", "wanda_sp", "llm_pruner_element1"):
+        assert prune_params_for(method, 0.5, base).steps == 1, method
+    stepped = base.model_copy(update={"iterations": 2})
+    assert prune_params_for("flap_ls", 0.2, stepped).steps == 1

@@ -8,7 +8,7 @@ import torch
 
 from saap.errors import PruningError
 from saap.importance.estimators import collect_for
-from saap.iterative import compose, iterative_plan
+from saap.iterative import compose, iterative_plan, stepped_plan
 from saap.model import count_params, layer_shapes, load_model
 from saap.params import PruneParams
 from saap.plan import plan_from_scores
@@ -112,3 +112,50 @@ def test_later_steps_score_the_model_build_makes(tiny_model_dir, windows):
         e.kept_channels for e in other.layers
     ]
     assert abs(other.removed_params - other.target_removed) <= 2 * 192
+
+
+def test_max_step_ratio_prunes_in_steps_with_the_refit_between(tiny_model_dir, windows):
+    """A ratio above ``max_step_ratio`` is reached in steps; the plan records the
+    compensation, and the model the prune stage builds from it meets the target."""
+    model, _ = load_model(tiny_model_dir)
+    p = params(
+        ratio=0.2,
+        prune_attention=False,
+        max_step_ratio=0.1,
+        least_squares=True,
+        least_squares_inputs="pruned",
+    )
+    assert p.steps == 2
+    scores = scores_of(model, windows)
+    plan = stepped_plan(model, p, windows, scores, 2, progress=False)
+    assert plan.least_squares and plan.least_squares_inputs == "pruned"
+    assert abs(plan.removed_params - plan.target_removed) <= 2 * 192
+    one_shot = plan_from_scores(scores, layer_shapes(model), count_params(model), p)
+    assert [e.kept_channels for e in plan.layers] != [
+        e.kept_channels for e in one_shot.layers
+    ]
+
+
+def test_stepped_plan_fails_first_with_the_one_shot_error(tiny_model_dir, windows):
+    model, _ = load_model(tiny_model_dir)
+    p = params(ratio=0.95, max_layer_ratio=0.5, max_step_ratio=0.1)
+    with pytest.raises(PruningError, match="ratio 0.95"):
+        stepped_plan(model, p, windows, scores_of(model, windows), 2, progress=False)
+
+
+def test_stepped_plan_falls_back_to_attention_like_the_comparison(
+    tiny_model_dir, windows
+):
+    model, _ = load_model(tiny_model_dir)
+    scores = scores_of(model, windows)
+    # MLP channels alone reach ~0.26 of the fixture, with attention 0.31
+    p = params(ratio=0.29, prune_attention=False, max_step_ratio=0.15)
+    with pytest.raises(PruningError):
+        plan_from_scores(scores, layer_shapes(model), count_params(model), p)
+    with pytest.raises(PruningError):
+        stepped_plan(model, p, windows, scores, 2, progress=False)
+    plan = stepped_plan(
+        model, p, windows, scores, 2, progress=False, attention_fallback=True
+    )
+    assert plan.prune_attention
+    assert abs(plan.removed_params - plan.target_removed) <= 4 * 192

@@ -102,3 +102,20 @@ def test_auto_dtype_follows_the_hardware():
     expected = torch.bfloat16 if native_bfloat16() else torch.float32
     assert torch_dtype("auto") == expected
     assert torch_dtype("float32") == torch.float32
+
+
+@pytest.mark.parametrize(
+    "overrides, steps",
+    [
+        (dict(ratio=0.2), 1),
+        (dict(ratio=0.3), 1),
+        (dict(ratio=0.5), 2),
+        (dict(ratio=0.61), 3),
+        (dict(ratio=0.2, iterations=3), 3),
+        (dict(ratio=0.5, max_step_ratio=None), 1),
+        (dict(ratio=0.5, allocation="layers"), 1),
+        (dict(ratio=0.5, ppl_bound=200.0), 1),
+    ],
+)
+def test_steps_follow_max_step_ratio(overrides, steps):
+    assert PruneParams(**overrides).steps == steps
