@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from saap.calibration import make_calibration
 from saap.comparison import t95
-from saap.evaluation.perplexity import perplexity
+from saap.evaluation.perplexity import fidelity, perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
 from saap.importance.estimators import collect_for
@@ -217,6 +217,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--windows", type=int, default=64, help="evaluation windows")
+    parser.add_argument(
+        "--kl",
+        action="store_true",
+        help="also measure mean KL(dense || variant) on as many held-back C4 "
+        "windows (the evaluation's fidelity metric)",
+    )
     parser.add_argument("--samples", type=int, default=None, help="calibration windows")
     parser.add_argument(
         "--only",
@@ -260,6 +266,12 @@ def main() -> None:
         c: perplexity(copy.deepcopy(model).to(dtype), w) for c, w in corpora.items()
     }
     print("dense", dense, flush=True)
+    reference = copy.deepcopy(model).to(dtype) if args.kl else None
+    kl_windows = (
+        corpus_windows(tokenizer, args.text, "c4", 128, args.windows)
+        if args.kl
+        else None
+    )
     results: dict[str, dict[str, list[dict]]] = {}
     seconds = {}
     sigmas = {}
@@ -322,6 +334,10 @@ def main() -> None:
                     model, plan, windows, scores.input_means, holdout
                 ).to(dtype)
                 row = {c: perplexity(pruned, w) for c, w in corpora.items()}
+                if reference is not None:
+                    with torch.no_grad():
+                        kl, _ = fidelity(reference, pruned, kl_windows)
+                    row["kl"] = float(kl.mean())
                 row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
                 results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)
                 print(f"{ratio} {label} seed {seed}: {row}", flush=True)
@@ -393,6 +409,27 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
                 else:
                     cells += [f"{mean:.1f}", verdict]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    kl_rows = [
+        (ratio, label, [r["kl"] for r in rows])
+        for ratio, variants in results.items()
+        for label, rows in variants.items()
+        if all("kl" in r for r in rows)
+    ]
+    if kl_rows:
+        lines += [
+            "## KL(dense || variant) per token, held-back C4 windows",
+            "",
+            "| ratio | variant | mean KL | 95% CI | per seed |",
+            "|---|---|---:|---|---|",
+        ]
+        for ratio, label, values in kl_rows:
+            mean, low, high = interval(values)
+            per_seed = ", ".join(f"{v:.3f}" for v in values)
+            lines.append(
+                f"| {ratio} | {label} | {mean:.3f} | [{low:.3f}, {high:.3f}] | "
+                f"{per_seed} |"
+            )
         lines.append("")
     lines += [
         "## Jackknife sigma per metric (mean-normalised scores; ', rank': ranks, "
