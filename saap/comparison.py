@@ -13,7 +13,6 @@ import numpy as np
 
 from saap.errors import DataError
 from saap.evaluation.intervals import Interval, paired_difference, paired_ratio
-from saap.importance.estimators import ESTIMATORS
 from saap.methods import METHODS
 
 
@@ -188,10 +187,7 @@ def _seed_values(record: dict, metric: str) -> dict[int, float]:
 
 def is_baseline(method: str) -> bool:
     """A published method the comparison runs against: not scored by SAAP."""
-    if method not in METHODS:
-        return False
-    importance = METHODS[method].importance
-    return not (importance in ESTIMATORS and ESTIMATORS[importance].derived)
+    return method in METHODS and not METHODS[method].fused
 
 
 def against_baselines(records: list[dict], default: str) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saap.errors import PruningError
+from saap.importance.estimators import ESTIMATORS
 from saap.params import CompareParams, PruneParams
 from saap.plan import Plan, plan_from_scores
 from saap.prune import record_compensation
@@ -26,9 +27,14 @@ class Method:
     least_squares: bool = False
     # recovery methods (saap/recovery.py) run for it when compare.recover names it
     recoveries: tuple[str, ...] = ("lora",)
-    # prunes in the prune section's steps (prune.iterations, prune.max_step_ratio);
-    # the published methods prune in one shot
-    stepped: bool = False
+
+    @property
+    def fused(self) -> bool:
+        """Scored by SAAP's fusion (a derived estimator): SAAP's arms prune in
+        the prune section's steps (prune.iterations, prune.max_step_ratio), the
+        published methods in one shot."""
+        name = self.importance
+        return name in ESTIMATORS and ESTIMATORS[name].derived
 
 
 METHODS: Registry[Method] = Registry("comparison method", "saap/methods.py")
@@ -55,24 +61,17 @@ METHODS.add("wanda_sp", Method("Wanda-sp", "wanda_sp", "uniform"))
 # whole layers of lowest block influence; the remainder below one layer is filled
 # with MLP channels by taylor_element1 (so the budget is met exactly)
 METHODS.add("shortgpt", Method("ShortGPT", "taylor_element1", "layers"))
-METHODS.add(
-    "saap",
-    Method("SAAP", "saap", "adaptive", recoveries=("group", "lora"), stepped=True),
-)
+METHODS.add("saap", Method("SAAP", "saap", "adaptive", recoveries=("group", "lora")))
 # SAAP with FLAP's bias compensation: the part that decides 50% (see
 # docs/results.md, benchmarks/ablate_allocation.py)
 METHODS.add(
     "saap_bc",
-    Method(
-        "SAAP + bias comp.", "saap", "adaptive", bias_compensation=True, stepped=True
-    ),
+    Method("SAAP + bias comp.", "saap", "adaptive", bias_compensation=True),
 )
 # SAAP with the least-squares refit of the kept o_proj/down_proj columns and bias
 METHODS.add(
     "saap_ls",
-    Method(
-        "SAAP + least squares", "saap", "adaptive", least_squares=True, stepped=True
-    ),
+    Method("SAAP + least squares", "saap", "adaptive", least_squares=True),
 )
 
 
@@ -96,7 +95,7 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
             "least_squares": spec.least_squares,
             "ppl_bound": None,
         }
-        | ({} if spec.stepped else {"iterations": 1, "max_step_ratio": None})
+        | ({} if spec.fused else {"iterations": 1, "max_step_ratio": None})
     )
 
 
