@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def project_lock(project: Path, timeout_s: float) -> Iterator[None]:
 
 def is_transient(exc: BaseException) -> bool:
     """DVC lock contention and download/network errors are worth a retry."""
-    from dvc.exceptions import LockError
+    from dvc.lock import LockError
 
     text = str(exc).lower()
     if isinstance(exc, LockError | StageBusyError):
@@ -138,6 +139,27 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
+def repair_rwlock(project: Path) -> bool:
+    """Remove DVC's stage lock table if a killed DVC left it half-written.
+
+    DVC rewrites ``.dvc/tmp/rwlock`` (truncate, then write) when a stage starts
+    and ends; a DVC process killed in between leaves it empty or cut short, and
+    every later DVC command in the project then fails with "RWLock-file ...
+    JSON structure is corrupted". The table only lists stages running now, and
+    the process that wrote it is dead (the caller killed it while holding the
+    project lock), so an unreadable table is removed: True if it was. A readable
+    one is left alone (DVC itself drops entries of dead processes)."""
+    path = project / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        path.unlink(missing_ok=True)
+        return True
+    return False
+
+
 def _tee(stream, tail) -> None:
     for line in stream:
         sys.stderr.write(line)
@@ -169,6 +191,11 @@ def repro(project: Path, stage: str, timeout_s: float | None = None) -> bool:
             code = process.wait(timeout=timeout_s)
         except BaseException as exc:  # the timeout, or this run was stopped
             kill_tree(process)
+            if repair_rwlock(project):
+                sys.stderr.write(
+                    f"stage {stage}: removed DVC's lock table left half-written "
+                    "by the killed DVC process\n"
+                )
             if isinstance(exc, subprocess.TimeoutExpired):
                 raise StageTimeoutError(
                     f"stage {stage} ran past its timeout of {timeout_s:.0f} s and "

@@ -179,6 +179,15 @@ def test_stage_past_its_timeout_is_killed_and_outputs_kept(project):
     assert tree_hash(project / "models/finetuned") == finetuned_before
     assert (project / "dvc.lock").read_text() == lock_before
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before
+    # DVC killed at any point (even mid-write of its lock table) leaves a
+    # project the next DVC command can read
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0, status.stderr
     leftover = [
         p.pid
         for p in psutil.process_iter(["cmdline"])
