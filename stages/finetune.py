@@ -29,6 +29,8 @@ from saap.recovery import RECOVERIES, RecoveryData, recover
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.finetune")
+# facts of one run, kept in the report (metrics/finetune.json) only
+RUN_FACTS = ("seconds", "tokens_per_s", "resumed_from_step")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -102,8 +104,12 @@ def run(
         "truncated_examples": result.truncated,
         "resumed_from_step": result.resumed_from,
     }
+    # the checkpoint records what the model is, not how this run went (time,
+    # resume): the same inputs then give a byte-identical directory, so DVC and
+    # the registry see an unchanged model as unchanged
+    model_record = {k: v for k, v in summary.items() if k not in RUN_FACTS}
     with atomic_dir(out) as tmp:
-        save_checkpoint(merged, tokenizer, tmp, extra={"finetune": summary})
+        save_checkpoint(merged, tokenizer, tmp, extra={"finetune": model_record})
     write_json(report, summary)
     write_curve(curve, result)
     for stale in resume_dir.glob("finetune-*"):

@@ -209,6 +209,30 @@ def test_stage_saves_same_architecture_that_reloads(pruned, tmp_path):
     assert not list((tmp_path / "resume").glob("finetune-*"))  # cleaned after success
 
 
+def test_same_inputs_give_a_byte_identical_checkpoint(pruned, tmp_path):
+    """Run facts (time, throughput) stay in the report, out of the model's
+    folder: DVC and the registry see a re-trained identical model as unchanged."""
+    folder, _ = pruned
+    outs = []
+    for name in ("a", "b"):
+        finetune_stage.run(
+            tiny_params(),
+            folder / "pruned",
+            folder / "plan.json",
+            folder / "alpaca.json",
+            tmp_path / name,
+            tmp_path / f"{name}.json",
+            tmp_path / f"{name}.csv",
+            tmp_path / f"resume-{name}",
+        )
+        outs.append({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()})
+    assert outs[0] == outs[1]
+    report = json.loads((tmp_path / "a.json").read_text())
+    record = json.loads((tmp_path / "a" / "saap.json").read_text())["finetune"]
+    assert report["seconds"] > 0 and "seconds" not in record
+    assert record == {k: v for k, v in report.items() if k in record}
+
+
 def test_bad_instruction_files_name_the_record(pruned, tmp_path):
     folder, _ = pruned
     empty = tmp_path / "empty.json"
