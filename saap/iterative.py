@@ -24,7 +24,7 @@ from saap.errors import PruningError
 from saap.importance.estimators import ESTIMATORS, collect_for
 from saap.model import count_params, layer_shapes
 from saap.params import PruneParams
-from saap.plan import LayerPlan, Plan, plan_from_scores
+from saap.plan import LayerPlan, Plan, one_shot_plan, plan_from_scores
 from saap.prune import prune_compensated, prune_model, record_compensation
 from saap.scores import scores_from_stats
 
@@ -177,18 +177,12 @@ def stepped_plan(
     steps score the compensated model where ``params`` compensates (the refit
     between steps), the compensation settings recorded in the plan. With
     ``attention_fallback``, a ratio that MLP channels alone cannot reach prunes
-    attention heads as well (the comparison's rule, ``saap.methods.build_arm_plan``).
+    attention heads as well (:func:`saap.plan.one_shot_plan`, the comparison's rule).
     Either way a one-shot plan of the whole ratio is made first, so a ratio no
     plan can reach (e.g. above ``max_layer_ratio`` allows) fails before any step
     with the one-shot error."""
     shapes, total = layer_shapes(model), count_params(model)
-    try:
-        plan_from_scores(scores, shapes, total, params)
-    except PruningError:
-        if not attention_fallback or params.prune_attention:
-            raise
-        params = params.model_copy(update={"prune_attention": True})
-        plan_from_scores(scores, shapes, total, params)
+    _, params = one_shot_plan(scores, shapes, total, params, attention_fallback)
     build = None
     if params.least_squares or params.bias_compensation:
         build = compensating_build(model, params, windows, scores.input_means, holdout)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saap.errors import PruningError
 from saap.importance.estimators import ESTIMATORS
 from saap.params import CompareParams, PruneParams
-from saap.plan import Plan, plan_from_scores
+from saap.plan import Plan, one_shot_plan
 from saap.prune import record_compensation
 from saap.registry import Registry
 
@@ -119,17 +118,9 @@ def build_arm_plan(
     """The plan; if MLP channels alone cannot remove ``ratio`` (50% of SmolLM2
     with its first and last layers kept), attention heads are pruned as well, the
     same rule for every method, recorded in the plan."""
-    try:
-        plan = plan_from_scores(
-            scores, shapes, total, params, None, measure_sensitivity
-        )
-    except PruningError:
-        if params.prune_attention:
-            raise
-        params = params.model_copy(update={"prune_attention": True})
-        plan = plan_from_scores(
-            scores, shapes, total, params, None, measure_sensitivity
-        )
+    plan, params = one_shot_plan(
+        scores, shapes, total, params, True, measure_sensitivity
+    )
     plan.prune_attention = params.prune_attention
     record_compensation(plan, params)
     return plan

@@ -422,6 +422,33 @@ def plan_from_scores(
     return best
 
 
+def one_shot_plan(
+    scores,
+    shapes: list[LayerShape],
+    total_params: int,
+    params: PruneParams,
+    attention_fallback: bool = False,
+    measure_sensitivity=None,
+) -> tuple[Plan, PruneParams]:
+    """The one-shot plan of ``params`` and the params that made it. With
+    ``attention_fallback``, a ratio that MLP channels alone cannot reach (50% of
+    SmolLM2 with its first and last layers kept) prunes attention heads as well,
+    the comparison's rule for every method; otherwise the plan's
+    :class:`PruningError` is raised."""
+    try:
+        plan = plan_from_scores(
+            scores, shapes, total_params, params, None, measure_sensitivity
+        )
+    except PruningError:
+        if not attention_fallback or params.prune_attention:
+            raise
+        params = params.model_copy(update={"prune_attention": True})
+        plan = plan_from_scores(
+            scores, shapes, total_params, params, None, measure_sensitivity
+        )
+    return plan, params
+
+
 def plot_kept_fraction(plan: Plan, path) -> None:
     """Bar plot of the kept fraction of heads and MLP channels per layer."""
     import matplotlib

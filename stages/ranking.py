@@ -75,8 +75,8 @@ def run(
         plan = plan_from_scores(
             scores, layer_shapes(model), count_params(model), params, holdout, measure
         )
+        record_compensation(plan, params)  # stepped_plan records its own
     plan.base_model = str(model_dir)
-    record_compensation(plan, params)
     return plan
 
 
