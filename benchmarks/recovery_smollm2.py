@@ -36,8 +36,8 @@ from saap.calibration import load_calibration
 from saap.evaluation.intervals import paired_ratio, perplexity_ratio
 from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
-from saap.methods import build_arm_plan, prune_params_for
-from saap.model import compute_dtype, count_params, layer_shapes, load_model
+from saap.methods import arm_plan, prune_params_for, pruning_label
+from saap.model import compute_dtype, count_params, load_model
 from saap.params import FinetuneParams, load_section
 from saap.prune import prune_compensated
 from saap.recovery import RecoveryData, recover
@@ -128,6 +128,7 @@ def main() -> None:
     scores = load_scores(args.importance)
     tensors = load_calibration(args.calibration)
     calibration, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+    batch_size = load_section(args.params, "importance").batch_size
     records = read_records(args.data)
     finetune = load_section(args.params, "finetune")
     train, val = split_records(records, finetune.val_size, finetune.seed)
@@ -169,7 +170,9 @@ def main() -> None:
         params = prune_params_for(
             args.prune_method, ratio, load_section(args.params, "prune")
         )
-        plan = build_arm_plan(scores, layer_shapes(base), count_params(base), params)
+        # in steps where the method's params ask for them (SAAP at 50%: two)
+        plan = arm_plan(base, params, scores, calibration, holdout, batch_size)
+        label = pruning_label(args.prune_method, params)
         # the compensation the plan asks for, as the prune stage applies it
         pruned = prune_compensated(base, plan, calibration, scores.input_means, holdout)
         arms = [("none", 0)] + [
@@ -178,7 +181,7 @@ def main() -> None:
             for m in args.methods.split(",")
         ]
         for method, budget in arms:
-            if (args.prune_method, ratio, method, budget) in done:
+            if (label, ratio, method, budget) in done:
                 continue
             started = time.perf_counter()
             result = None
@@ -224,7 +227,7 @@ def main() -> None:
             wall = time.perf_counter() - started
             metrics, docs = evaluate(model, f"{method}@{ratio}")
             row = {
-                "pruning": args.prune_method,
+                "pruning": label,
                 "ratio": ratio,
                 "method": method,
                 "budget": budget,

@@ -160,6 +160,7 @@ def iterative_plan(
             scores = None
     plan.ratio_requested = params.ratio
     plan.target_removed = target
+    plan.steps = steps if steps > 1 else None
     return plan
 
 

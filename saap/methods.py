@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saap.errors import PruningError
 from saap.importance.estimators import ESTIMATORS
+from saap.iterative import stepped_plan
+from saap.model import count_params, layer_shapes
 from saap.params import CompareParams, PruneParams
 from saap.plan import Plan, one_shot_plan
 from saap.prune import record_compensation
@@ -124,6 +127,45 @@ def build_arm_plan(
     plan.prune_attention = params.prune_attention
     record_compensation(plan, params)
     return plan
+
+
+def arm_plan(
+    model,
+    params: PruneParams,
+    scores,
+    windows=None,
+    holdout=None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Plan:
+    """A method's plan as the prune stage builds it: in ``params.steps`` steps
+    (re-scored between, refit between where ``params`` compensate) where the
+    params ask for more than one, else in one shot; either way with the
+    attention fallback of :func:`build_arm_plan`. ``windows`` (and ``holdout``,
+    for a chosen ridge): the calibration windows the scores came from."""
+    if params.steps > 1:
+        if windows is None:
+            raise PruningError(
+                f"pruning {params.ratio:.0%} in {params.steps} steps re-scores on "
+                "the calibration windows: pass them (or set prune.max_step_ratio "
+                "to null for one shot)"
+            )
+        return stepped_plan(
+            model,
+            params,
+            windows,
+            scores,
+            batch_size,
+            holdout,
+            progress=progress,
+            attention_fallback=True,
+        )
+    return build_arm_plan(scores, layer_shapes(model), count_params(model), params)
+
+
+def pruning_label(method: str, params: PruneParams) -> str:
+    """``method``, with its number of steps where it prunes in more than one."""
+    return method if params.steps == 1 else f"{method}, {params.steps} steps"
 
 
 def kept_fractions(plan: Plan) -> list[float]:

@@ -83,6 +83,7 @@ _OPTIONAL = (
     "ridge_grid",
     "sensitivity",
     "seed",
+    "steps",
 )
 
 
@@ -119,6 +120,8 @@ class Plan:
     # measured layer sensitivities (the sensitivity allocation)
     sensitivity: dict | None = None
     seed: int | None = None
+    # steps the plan was made in, where more than one (saap.iterative)
+    steps: int | None = None
 
     def kept_layers(self) -> list[LayerPlan]:
         """The layers left in the pruned model, in order (renumbered there)."""

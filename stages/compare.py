@@ -32,18 +32,15 @@ from saap.errors import DataError, SaapError
 from saap.evaluation.bench import benchmark_against, benchmark_with
 from saap.evaluation.report import evaluate_model
 from saap.evaluation.zeroshot import check_tasks
-from saap.iterative import stepped_plan
 from saap.methods import (
     METHODS,
-    build_arm_plan,
+    arm_plan,
     kept_fractions,
     prune_params_for,
     recovery_methods,
 )
 from saap.model import (
     compute_dtype,
-    count_params,
-    layer_shapes,
     load_model,
     save_checkpoint,
 )
@@ -193,8 +190,6 @@ def run_arm(
         record["seconds"] = time.perf_counter() - started_arm
         return record
 
-    shapes = layer_shapes(base_model)
-    total = count_params(base_model)
     prune_params = prune_params_for(method, ratio, prune_base)
     first_pruned = first_plan = None
     for seed in params.seeds:
@@ -206,19 +201,7 @@ def run_arm(
             # the seed's calibration windows are saved beside its scores
             tensors = load_calibration(importance_dirs[seed])
             windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
-        if seed_params.steps > 1:
-            plan = stepped_plan(
-                base_model,
-                seed_params,
-                windows,
-                scores,
-                batch_size,
-                holdout,
-                progress=False,
-                attention_fallback=True,
-            )
-        else:
-            plan = build_arm_plan(scores, shapes, total, seed_params)
+        plan = arm_plan(base_model, seed_params, scores, windows, holdout, batch_size)
         pruned = prune_compensated(
             base_model, plan, windows, scores.input_means, holdout
         )

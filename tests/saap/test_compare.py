@@ -14,13 +14,15 @@ from saap.comparison import (
     summarise,
     t95,
 )
-from saap.errors import DataError, ParamsError
+from saap.errors import DataError, ParamsError, PruningError
 from saap.importance.estimators import collect_for
 from saap.methods import (
     METHODS,
+    arm_plan,
     build_arm_plan,
     default_method,
     prune_params_for,
+    pruning_label,
     recovery_methods,
 )
 from saap.model import count_params, layer_shapes, load_model
@@ -320,3 +322,20 @@ def test_only_saap_methods_prune_in_steps():
         assert prune_params_for(method, 0.5, base).steps == 1, method
     stepped = base.model_copy(update={"iterations": 2})
     assert prune_params_for("flap_ls", 0.2, stepped).steps == 1
+
+
+def test_arm_plan_prunes_in_steps_as_the_prune_stage_does(model_and_scores, windows):
+    model, scores = model_and_scores
+    base = BASE.model_copy(update={"max_step_ratio": 0.15, "iterations": 1})
+    stepped = prune_params_for("saap", 0.25, base)
+    assert stepped.steps == 2 and pruning_label("saap", stepped) == "saap, 2 steps"
+    plan = arm_plan(model, stepped, scores, windows, batch_size=2)
+    assert plan.steps == 2 and abs(plan.achieved_ratio - 0.25) < 0.02
+    with pytest.raises(PruningError, match="max_step_ratio"):
+        arm_plan(model, stepped, scores)
+    # one step: the one-shot plan of build_arm_plan, unchanged
+    flap = prune_params_for("flap", 0.25, base)
+    assert pruning_label("flap", flap) == "flap"
+    one = arm_plan(model, flap, scores)
+    same = build_arm_plan(scores, layer_shapes(model), count_params(model), flap)
+    assert one.dumps() == same.dumps()
