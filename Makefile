@@ -12,13 +12,22 @@ PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
 .PHONY: install lock llamacpp postgres setup run compare test test-all lint clean
 
-$(STAMP): pyproject.toml requirements.lock
+# pip's own find-links and index (where this machine's pip.conf or PIP_* set
+# them: e.g. the folder holding the CPU build of torch) passed on to uv
+PIP_SETTING = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p" | head -1)
+UV_SOURCES = $(foreach f,$(call PIP_SETTING,find-links),--find-links $(f)) \
+	$(foreach u,$(call PIP_SETTING,index-url),--index-url $(u))
+
+$(STAMP): pyproject.toml requirements.lock infra/bootstrap.txt
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# every distribution pinned with the sha256 of its file (torch: the CPU build),
-	# each download checked before any code from it runs; then the project itself
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# the installer (uv), then every distribution pinned with the sha256 of its
+	# file (torch: the CPU build), each download checked before any code from it
+	# runs; then the project itself
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r infra/bootstrap.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --require-hashes --no-deps \
+		--compile-bytecode $(UV_SOURCES) -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)

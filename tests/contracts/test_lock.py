@@ -1,5 +1,6 @@
-"""requirements.lock is what the project installs from (`pip install
---require-hashes`): every entry pinned with a sha256, every dependency that
+"""requirements.lock is what the project installs from (`uv pip install
+--require-hashes`, uv itself pinned in infra/bootstrap.txt and installed by pip
+in hash-checking mode): every entry pinned with a sha256, every dependency that
 pyproject.toml declares locked at a version its specifier allows, and the
 environment the tests run in is the locked one, complete (`pip check`)."""
 
@@ -92,17 +93,55 @@ def test_the_environment_is_the_locked_one_and_complete():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.integration
-def test_a_download_that_does_not_match_its_locked_hash_is_refused(tmp_path):
-    """pip in hash-checking mode, as `make install` runs it, refuses a file whose
-    sha256 is not the locked one (here: the lock's entry for six with one hex
-    digit changed) and installs nothing."""
+def test_the_installer_is_pinned_with_a_hash():
+    text = (ROOT / "infra" / "bootstrap.txt").read_text()
+    entries = list(ENTRY.finditer(text))
+    assert [m["name"] for m in entries] == ["uv"]
+    assert importlib.metadata.version("uv") == entries[0]["version"]
+
+
+def _tampered(tmp_path: Path) -> tuple[Path, str]:
+    """A requirements file with the lock's entry for six, one hex digit of its
+    sha256 changed; and the real sha256."""
     text = (ROOT / "requirements.lock").read_text()
     match = next(m for m in ENTRY.finditer(text) if m["name"] == "six")
     sha = match["sha"]
     wrong = ("0" if sha[0] != "0" else "1") + sha[1:]
     requirements = tmp_path / "tampered.txt"
     requirements.write_text(f"six=={match['version']} --hash=sha256:{wrong}\n")
+    return requirements, sha
+
+
+@pytest.mark.integration
+def test_a_download_that_does_not_match_its_locked_hash_is_refused(tmp_path):
+    """uv in hash-checking mode, as `make install` runs it, refuses a file whose
+    sha256 is not the locked one and installs nothing; so does pip, which
+    installs uv itself."""
+    requirements, sha = _tampered(tmp_path)
+    uv = Path(sys.executable).with_name("uv")
+    result = subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "install",
+            "--python",
+            sys.executable,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--target",
+            str(tmp_path / "uv-out"),
+            "--require-hashes",
+            "--no-deps",
+            "-r",
+            str(requirements),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "Hash mismatch" in result.stderr + result.stdout
+    assert sha in result.stderr + result.stdout  # uv names the file's real hash
+    assert not list((tmp_path / "uv-out").glob("six*"))
     result = subprocess.run(
         [
             sys.executable,
