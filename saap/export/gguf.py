@@ -421,7 +421,7 @@ class GGUFExporter:
             "format": self.name,
             "written": written,
             "files": files,
-            "llama_cpp": tools.info,
+            "llama_cpp": tools.record,
         }
 
 

@@ -237,6 +237,48 @@ def test_missing_cmake_is_one_error_naming_what_to_install(monkeypatch):
         runtime.check_toolchain()
 
 
+def test_a_caller_waits_for_the_build_in_progress_and_uses_it(monkeypatch, tmp_path):
+    """Two processes needing llama.cpp at once (make run's background build and
+    the export stage): the second waits on the build lock, then finds the tools
+    built and does not build again."""
+    import threading
+    import time
+
+    from saap.runtime import llamacpp as runtime
+
+    source = tmp_path / "src"
+    monkeypatch.setattr(runtime, "unpack_source", lambda cache: source)
+    builds = []
+    building = threading.Event()
+
+    def fake_build(cache, root, key, options, compiler, jobs):
+        builds.append(key)
+        building.set()
+        time.sleep(0.5)
+        (root / "bin").mkdir(parents=True)
+        for tool in runtime.TOOLS:
+            (root / "bin" / tool).write_text("")
+        info = {"options": options, "build_seconds": 0.5, "jobs": 2}
+        (root / "build.json").write_text(json.dumps(info))
+        return runtime.LlamaCpp(root, source, info)
+
+    monkeypatch.setattr(runtime, "_build", fake_build)
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault("first", runtime.ensure_llamacpp(tmp_path))
+    )
+    first.start()
+    assert building.wait(5)
+    started = time.perf_counter()
+    second = runtime.ensure_llamacpp(tmp_path)  # blocks until the build is done
+    waited = time.perf_counter() - started
+    first.join()
+    assert len(builds) == 1
+    assert second.root == results["first"].root
+    assert waited > 0.2
+    assert second.record == {"options": second.info["options"]}
+
+
 def test_isa_options_follow_the_cpu_flags():
     from saap.runtime.llamacpp import isa_options
 

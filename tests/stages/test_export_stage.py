@@ -31,6 +31,9 @@ def test_export_writes_every_type_and_a_failure_keeps_the_previous(
     assert files["q8_0"]["bytes"] == (out / "model-q8_0.gguf").stat().st_size
     assert manifest["gguf"]["written"]["architecture"] == "llama"  # uniform layers
     assert manifest["gguf"]["llama_cpp"]["options"]["GGML_NATIVE"] == "OFF"
+    # what the build is, not how long it took here: the same export on another
+    # machine of the same kind is the same bytes
+    assert not {"build_seconds", "jobs"} & set(manifest["gguf"]["llama_cpp"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     # an unknown pre-tokenizer (llama.cpp refuses the file): a named error, and
