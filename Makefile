@@ -38,9 +38,11 @@ lock:
 	$(PYTHON) infra/lock.py --resolve
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
-# ~/.cache/saap/llama.cpp; about 7.5 min on 2 idle cores the first time). The
+# ~/.cache/saap/llama.cpp; about 7.5-8 min on 2 idle cores the first time). The
 # module needs only the standard library, so it runs before .venv exists and
-# `run`/`test` overlap it with the install (mostly downloads).
+# `test` overlaps it with the install; `saap run` (make run) builds it in a
+# niced background process beside the pipeline's first stages instead, and the
+# export stage waits for it.
 llamacpp:
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp
@@ -48,7 +50,7 @@ llamacpp:
 setup:
 	$(MAKE) -j2 $(STAMP) llamacpp
 
-run: setup
+run: $(STAMP)
 	$(BIN)/saap run
 
 # the side-by-side comparison (docs/results.md); about an hour on 2 cores

@@ -103,6 +103,7 @@ def run(
     if not force and (summary := _up_to_date(project.resolve())) is not None:
         typer.echo(json.dumps(summary, indent=2))
         return
+    builder = _build_llamacpp_in_background()
     _quiet_prefect()
     from flows.compress import compress
 
@@ -111,7 +112,45 @@ def run(
     except SaapError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        _finish_background_build(builder)
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _build_llamacpp_in_background() -> subprocess.Popen | None:
+    """On a machine where llama.cpp is not built yet, build it in a niced
+    process beside the pipeline's first stages (assets to finetune need no
+    llama.cpp; the export stage waits on the build lock). None if built."""
+    from saap.runtime import llamacpp
+
+    cache = llamacpp.default_cache_dir()
+    if llamacpp.is_built(cache):
+        return None
+    log_file = cache / "llama.cpp" / "build.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"building llama.cpp in the background (log: {log_file})")
+    with log_file.open("w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "saap.runtime.llamacpp"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # the pipeline's stages first; the build takes the idle cycles
+            preexec_fn=lambda: os.nice(10),
+        )
+
+
+def _finish_background_build(builder: subprocess.Popen | None) -> None:
+    """Let a background build finish (the next run needs it; an interrupted
+    run stops it too: a later call rebuilds from scratch)."""
+    if builder is None or builder.poll() is not None:
+        return
+    try:
+        typer.echo("waiting for the llama.cpp build to finish")
+        builder.wait()
+    except KeyboardInterrupt:
+        builder.terminate()
+        raise
 
 
 @app.command()
