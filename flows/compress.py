@@ -38,13 +38,24 @@ log = logging.getLogger(__name__)
 def benched_variants(params_file: Path) -> list[str]:
     """The compressed variants the bench stages measure (``bench.variants``),
     checked to hold the gated variant, whose speed gate reads its bench."""
+    return _variants_with_gated(params_file, "bench", "the speed gate reads")
+
+
+def evaluated_variants(params_file: Path) -> list[str]:
+    """The compressed variants the evaluate stages measure beside dense
+    (``evaluate.variants``), checked to hold the gated variant."""
+    return _variants_with_gated(params_file, "evaluate", "the accuracy gates read")
+
+
+def _variants_with_gated(params_file: Path, section: str, reader: str) -> list[str]:
     gates = load_section(params_file, "gates")
-    variants = load_section(params_file, "bench").variants
+    variants = load_section(params_file, section).variants
     if gates.variant not in variants:
+        folder = "eval" if section == "evaluate" else section
         raise ParamsError(
-            f"gates.variant is {gates.variant!r} but bench.variants is {variants}: "
-            f"the speed gate reads metrics/bench/{gates.variant}.json; add "
-            f"{gates.variant!r} to bench.variants in {params_file}"
+            f"gates.variant is {gates.variant!r} but {section}.variants is "
+            f"{variants}: {reader} metrics/{folder}/{gates.variant}.json; add "
+            f"{gates.variant!r} to {section}.variants in {params_file}"
         )
     return variants
 
@@ -252,7 +263,9 @@ def compress(
         f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     )
     gates = load_section(root / "params.yaml", "gates")
-    benched_variants(root / "params.yaml")  # refuse a bad list before any stage
+    # refuse a bad list before any stage
+    benched_variants(root / "params.yaml")
+    evaluated = evaluated_variants(root / "params.yaml")
     try:
         flow_run = str(get_run_context().flow_run.id)
     except Exception:  # noqa: BLE001 - no context outside a flow run
@@ -271,7 +284,7 @@ def compress(
             for stage in pipeline_stages(root):
                 timeout = (stage_timeouts or {}).get(stage, stage_timeout_s)
                 ran[stage] = repro_stage(str(root), stage, timeout)
-            variants = list(dict.fromkeys(["dense", "pruned", gates.variant]))
+            variants = ["dense", *evaluated]
             summary = track_and_promote(
                 str(root), run.info.run_id, variants, gates, flow_run
             )

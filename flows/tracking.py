@@ -127,7 +127,8 @@ def evidence_md5(project: Path, variant: str) -> str:
 
     hashes = dvc_lock_hashes(project)
     keys = [
-        f"evaluate@{who}:metrics/eval/{who}{suffix}"
+        f"{'evaluate-dense' if who == 'dense' else f'evaluate@{who}'}:"
+        f"metrics/eval/{who}{suffix}"
         for who in (variant, "dense")
         for suffix in (".json", ".documents.json")
     ] + [f"bench@{variant}:metrics/bench/{variant}.json"]

@@ -370,6 +370,20 @@ class EvaluateParams(Section):
         2000, ge=100, description="Bootstrap resamples of every interval."
     )
     seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    variants: list[Literal["pruned", "finetuned"]] = Field(
+        default_factory=lambda: ["finetuned"],
+        min_length=1,
+        description="Compressed variants evaluated beside dense (stages "
+        "evaluate@<variant>); must hold gates.variant. Add pruned to see what "
+        "recovery adds (about 3 min more per run on 2 cores in the quick profile).",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"evaluate.variants repeats a variant: {value}")
+        return value
 
     @model_validator(mode="after")
     def _known_profile(self) -> EvaluateParams:
@@ -391,7 +405,7 @@ class EvaluateParams(Section):
         chosen = self.profiles[name]
         return EvaluationSettings(
             profile=name,
-            **self.model_dump(exclude={"profile", "profiles"}),
+            **self.model_dump(exclude={"profile", "profiles", "variants"}),
             **chosen.model_dump(),
         )
 

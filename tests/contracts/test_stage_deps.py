@@ -117,3 +117,21 @@ def test_bench_stage_runs_the_variants_of_params_yaml():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     gated = params["gates"]["variant"]
     assert gated in params["bench"]["variants"]
+
+
+@pytest.mark.parametrize("stage", ["dvc.yaml:evaluate-dense", "dvc.yaml:evaluate"])
+def test_evaluate_stages_depend_on_every_evaluate_setting_but_the_variant_list(stage):
+    """As for bench: evaluating one more variant re-runs no other evaluation;
+    any other evaluate setting (the profile included) re-runs them all."""
+    from saap.params import EvaluateParams
+
+    listed = set(pipeline_stages()[stage]["params"])
+    expected = {f"evaluate.{key}" for key in EvaluateParams.model_fields}
+    assert listed == expected - {"evaluate.variants"}
+
+
+def test_evaluate_stage_runs_the_variants_of_params_yaml():
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    assert body["foreach"] == "${evaluate.variants}"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["gates"]["variant"] in params["evaluate"]["variants"]

@@ -59,8 +59,12 @@ def test_full_flow_registers_and_promotes(project):
     assert summary["version"] == "1"
     assert summary["promoted"] is True
     assert "assets" in summary["stages_ran"] and "prune" in summary["stages_ran"]
-    for variant in ("dense", "pruned", "finetuned"):
-        assert (project / f"metrics/eval/{variant}.json").is_file()
+    # evaluate.variants: dense and the gated variant only (pruned on request)
+    evaluated = (project / "metrics/eval").glob("*.json")
+    assert sorted(p.name for p in evaluated if p.name.count(".") == 1) == [
+        "dense.json",
+        "finetuned.json",
+    ]
     # bench.variants: the gated variant only (pruned has the same shapes)
     assert sorted(p.name for p in (project / "metrics/bench").iterdir()) == [
         "dense.json",
@@ -76,7 +80,8 @@ def test_full_flow_registers_and_promotes(project):
     }
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert "pruned.ppl.ptb" in run.data.metrics and "dense.acc.piqa" in run.data.metrics
+    assert "finetuned.ppl.ptb" in run.data.metrics
+    assert "dense.acc.piqa" in run.data.metrics
     # the recovery's loss curve, one point per optimizer step
     curve = client.get_metric_history(run.info.run_id, "finetune.train_loss")
     assert [m.step for m in curve] == [1, 2]
@@ -84,8 +89,7 @@ def test_full_flow_registers_and_promotes(project):
     assert run.data.tags["git.revision"]
     assert any(tag.startswith("dvc.prune:") for tag in run.data.tags)
     assert "dvc.bench.finetuned:metrics/bench/finetuned.json" in run.data.tags
-    assert "pruned.ppl.ptb" in run.data.metrics
-    assert "pruned.decode_tokens_per_s" not in run.data.metrics
+    assert not any(key.startswith("pruned.") for key in run.data.metrics)
     assert "finetuned.llamacpp.f16.speedup.decode.lower" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "pipeline", "plots", "eval", "bench", "gguf"} <= artifacts
@@ -116,6 +120,19 @@ def test_full_flow_registers_and_promotes(project):
     finally:
         (project / "params.yaml").write_text(original)
     assert set(json.loads(status.stdout)) == {"export@pruned", "bench@pruned"}
+    # so does evaluating one more variant: only its evaluate stage is stale
+    set_params(project, evaluate={"variants": ["pruned", "finetuned"]})
+    try:
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert set(json.loads(status.stdout)) == {"evaluate@pruned"}
 
 
 def test_noop_rerun_runs_no_stage(project):
@@ -214,7 +231,7 @@ def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(projec
         "evaluate@finetuned",
         "bench@finetuned",
     } <= ran
-    assert not ran & {"assets", "calibration", "importance", "evaluate@dense"}
+    assert not ran & {"assets", "calibration", "importance", "evaluate-dense"}
     assert summary["version"] == "2" and summary["promoted"] is False
     client, name = registry(project)
     version = client.get_model_version(name, "2")

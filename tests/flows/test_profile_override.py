@@ -68,3 +68,25 @@ def test_gated_variant_must_be_benchmarked(tmp_path):
     path.write_text("bench:\n  variants: [dense]\n")
     with pytest.raises(ParamsError, match=r"bench.variants.0"):
         benched_variants(path)
+
+
+def test_gated_variant_must_be_evaluated(tmp_path):
+    from flows.compress import evaluated_variants
+
+    path = tmp_path / "params.yaml"
+    path.write_text("gates:\n  variant: finetuned\n")
+    assert evaluated_variants(path) == ["finetuned"]  # the default list
+    path.write_text("evaluate:\n  variants: [pruned, finetuned]\n")
+    assert evaluated_variants(path) == ["pruned", "finetuned"]
+    path.write_text("gates:\n  variant: pruned\nevaluate:\n  variants: [finetuned]\n")
+    with pytest.raises(
+        ParamsError, match=r"eval/pruned.json; add 'pruned' to evaluate.variants"
+    ):
+        evaluated_variants(path)
+    path.write_text("evaluate:\n  variants: [finetuned, finetuned]\n")
+    with pytest.raises(ParamsError, match="repeats a variant"):
+        evaluated_variants(path)
+    # dense is always evaluated (evaluate-dense), never listed
+    path.write_text("evaluate:\n  variants: [dense, finetuned]\n")
+    with pytest.raises(ParamsError, match=r"evaluate.variants.0"):
+        evaluated_variants(path)
