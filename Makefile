@@ -38,11 +38,12 @@ lock:
 	$(PYTHON) infra/lock.py --resolve
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
-# ~/.cache/saap/llama.cpp; about 7.5-8 min on 2 idle cores the first time). The
+# ~/.cache/saap/llama.cpp; 6-8 min on 2 cores the first time). The
 # module needs only the standard library, so it runs before .venv exists and
 # `test` overlaps it with the install; `saap run` (make run) builds it in a
-# niced background process beside the pipeline's first stages instead, and the
-# export stage waits for it.
+# background process at idle CPU priority beside the pipeline's first stages
+# instead (about 6 min with Ninja on 2 idle cores), and the export stage waits
+# for it.
 llamacpp:
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp
