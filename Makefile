@@ -38,12 +38,9 @@ lock:
 	$(PYTHON) infra/lock.py --resolve
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
-# ~/.cache/saap/llama.cpp; 6-8 min on 2 cores the first time). The
+# ~/.cache/saap/llama.cpp; 5.8 min with Ninja on 2 idle cores here). The
 # module needs only the standard library, so it runs before .venv exists and
-# `test` overlaps it with the install; `saap run` (make run) builds it in a
-# background process at idle CPU priority beside the pipeline's first stages
-# instead (about 6 min with Ninja on 2 idle cores), and the export stage waits
-# for it.
+# `run`/`test` overlap it with the install (mostly downloads).
 llamacpp:
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp
@@ -51,7 +48,7 @@ llamacpp:
 setup:
 	$(MAKE) -j2 $(STAMP) llamacpp
 
-run: $(STAMP)
+run: setup
 	$(BIN)/saap run
 
 # the side-by-side comparison (docs/results.md); about an hour on 2 cores

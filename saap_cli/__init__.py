@@ -103,7 +103,6 @@ def run(
     if not force and (summary := _up_to_date(project.resolve())) is not None:
         typer.echo(json.dumps(summary, indent=2))
         return
-    builder = _build_llamacpp_in_background()
     _quiet_prefect()
     from flows.compress import compress
 
@@ -112,58 +111,7 @@ def run(
     except SaapError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    finally:
-        _finish_background_build(builder)
     typer.echo(json.dumps(summary, indent=2))
-
-
-def _lowest_cpu_priority() -> None:
-    """Linux's idle scheduling class (inherited by the compilers): the build
-    runs only on cycles the stages leave. A niced build (nice 10) still took
-    enough of both cores to slow the importance stage's two torch threads 4x
-    (7.3 min against 1.8) in a cold run here; beside an idle-class build the
-    same stage took 75 s against 72 s alone while 24 of the build's 148
-    objects compiled."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
-
-
-def _build_llamacpp_in_background() -> subprocess.Popen | None:
-    """On a machine where llama.cpp is not built yet, build it in a background
-    process at the lowest CPU priority beside the pipeline's first stages
-    (assets to finetune need no llama.cpp; the export stage waits on the
-    build lock, and the build then has the machine). None if built."""
-    from saap.runtime import llamacpp
-
-    cache = llamacpp.default_cache_dir()
-    if llamacpp.is_built(cache):
-        return None
-    log_file = cache / "llama.cpp" / "build.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    typer.echo(f"building llama.cpp in the background (log: {log_file})")
-    with log_file.open("w") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "saap.runtime.llamacpp"],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_lowest_cpu_priority,
-        )
-
-
-def _finish_background_build(builder: subprocess.Popen | None) -> None:
-    """Let a background build finish (the next run needs it; an interrupted
-    run stops it too: a later call rebuilds from scratch)."""
-    if builder is None or builder.poll() is not None:
-        return
-    try:
-        typer.echo("waiting for the llama.cpp build to finish")
-        builder.wait()
-    except KeyboardInterrupt:
-        builder.terminate()
-        raise
 
 
 @app.command()
