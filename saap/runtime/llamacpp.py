@@ -9,9 +9,8 @@ of this kind). Binaries are cached outside the repository under
 ``<cache>/llama.cpp/<key>/bin``, the key hashing the source sha256, the flags and
 the compiler, so a machine builds once; ``build.json`` beside them records the
 flags and the build time. A file lock serialises builders: a process that needs
-the tools while another builds them (``make run`` starts the build in the
-background and the pipeline's first stages beside it) waits for that build
-instead of starting its own.
+the tools while another builds them (``make llamacpp`` and a stage, or two test
+processes) waits for that build instead of starting its own.
 """
 
 from __future__ import annotations
@@ -233,16 +232,6 @@ def _built(root: Path, cache: Path) -> LlamaCpp | None:
     if info_file.is_file() and all((root / "bin" / t).is_file() for t in TOOLS):
         return LlamaCpp(root, unpack_source(cache), json.loads(info_file.read_text()))
     return None
-
-
-def is_built(cache_dir: Path | None = None) -> bool:
-    """Whether this machine's build (source, flags, compiler) is in the cache."""
-    cache = cache_dir or default_cache_dir()
-    options = BASE_OPTIONS | isa_options(cpu_flags())
-    root = cache / "llama.cpp" / f"build-{build_key(options, _compiler())}"
-    return (root / "build.json").is_file() and all(
-        (root / "bin" / t).is_file() for t in TOOLS
-    )
 
 
 def ensure_llamacpp(cache_dir: Path | None = None, jobs: int | None = None) -> LlamaCpp:

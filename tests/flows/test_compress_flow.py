@@ -107,21 +107,21 @@ def test_full_flow_registers_and_promotes(project):
     ]
     # benchmarking one more variant leaves the others' results: only its
     # export and bench stages are stale
-    original = (project / "params.yaml").read_text()
-    set_params(project, bench={"variants": ["pruned", "finetuned"]})
-    try:
-        status = subprocess.run(
-            [sys.executable, "-m", "dvc", "status", "--json"],
-            cwd=project,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    finally:
-        (project / "params.yaml").write_text(original)
-    assert set(json.loads(status.stdout)) == {"export@pruned", "bench@pruned"}
+    assert stale_with(project, bench={"variants": ["pruned", "finetuned"]}) == {
+        "export@pruned",
+        "bench@pruned",
+    }
     # so does evaluating one more variant: only its evaluate stage is stale
-    set_params(project, evaluate={"variants": ["pruned", "finetuned"]})
+    assert stale_with(project, evaluate={"variants": ["pruned", "finetuned"]}) == {
+        "evaluate@pruned"
+    }
+
+
+def stale_with(project, **sections) -> set[str]:
+    """The stages ``dvc status`` calls stale with ``sections`` changed in
+    params.yaml (restored afterwards)."""
+    original = (project / "params.yaml").read_text()
+    set_params(project, **sections)
     try:
         status = subprocess.run(
             [sys.executable, "-m", "dvc", "status", "--json"],
@@ -132,7 +132,7 @@ def test_full_flow_registers_and_promotes(project):
         )
     finally:
         (project / "params.yaml").write_text(original)
-    assert set(json.loads(status.stdout)) == {"evaluate@pruned"}
+    return set(json.loads(status.stdout))
 
 
 def test_noop_rerun_runs_no_stage(project):
