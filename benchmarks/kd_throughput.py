@@ -6,10 +6,13 @@ Each variant runs the same optimizer step as the `kd` recovery's Trainer (studen
 float32 weights under bf16 autocast where the CPU has native bf16, teacher in
 the compute dtype without gradients, KL over the full vocabulary in float32,
 fused AdamW), timed over ``--steps`` steps after one warm-up step, variants
-interleaved round by round so that machine drift hits all alike. The cached
-variants use the recovery's own top-k targets and loss (``finetune.kd_topk``),
-held in memory. Then a
-torch.profiler table of one step of the default variant.
+interleaved round by round so that machine drift hits all alike. ``default`` is
+the Trainer's step: output projections and loss in row chunks
+(``saap.distill.chunked_kd_loss``); ``full_logits`` forms both models' whole
+logits and calls ``kd_loss`` on them (the step before the chunked loss). The
+cached variants use the recovery's own top-k targets and loss
+(``finetune.kd_topk``), held in memory. Then a torch.profiler table of one step
+of the default variant.
 
 Usage (after ``dvc repro prune``)::
 
@@ -27,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from saap.distill import kd_loss, teacher_targets, topk_kd_loss
+from saap.distill import (
+    chunked_kd_loss,
+    decoder_and_head,
+    kd_loss,
+    teacher_targets,
+    topk_kd_loss,
+)
 from saap.model import compute_dtype, load_model, native_bfloat16
 
 
@@ -46,21 +55,36 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
         if native_bfloat16()
         else contextlib.nullcontext()
     )
-    with torch.no_grad():
-        if name == "cached_topk":
-            # finetune.kd_topk with its cache filled: no teacher forward, the
-            # KL over the teacher's top-k tokens plus its tail mass
-            t_logits = None
-        else:
-            t_logits = teacher(input_ids=batch).logits
-    with autocast:
-        s_logits = student(input_ids=batch).logits
-    if name == "cached_topk":
+    if name == "default":
+        decoder, head = decoder_and_head(student)
+        t_decoder, t_head = decoder_and_head(teacher)
+        with torch.no_grad():
+            t_hidden = t_decoder(input_ids=batch).last_hidden_state[:, :-1]
+        with autocast:
+            hidden = decoder(input_ids=batch).last_hidden_state[:, :-1]
+            loss, _ = chunked_kd_loss(
+                hidden.reshape(-1, hidden.shape[-1]),
+                head.weight,
+                t_hidden.reshape(-1, t_hidden.shape[-1]),
+                t_head.weight,
+                None,
+                1.0,
+                1.0,
+            )
+    elif name == "cached_topk":
+        # finetune.kd_topk with its cache filled: no teacher forward, the KL
+        # over the teacher's top-k tokens plus its tail mass
+        with autocast:
+            s_logits = student(input_ids=batch).logits
         targets = CACHE[batch.data_ptr()]
         loss, _ = topk_kd_loss(
             s_logits[:, :-1], targets.logp, targets.index, None, 1.0, 1.0
         )
-    else:
+    else:  # full_logits
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch).logits
+        with autocast:
+            s_logits = student(input_ids=batch).logits
         loss, _ = kd_loss(s_logits[:, :-1], t_logits[:, :-1], None, 1.0, 1.0)
     loss.backward()
     optimizer.step()
@@ -92,7 +116,13 @@ def main() -> None:
     for b in batches:  # the recovery's own top-k targets (kept in memory here)
         CACHE[b.data_ptr()] = teacher_targets(teacher, b, args.top_k, 1.0, None)
 
-    variants = ["default", "frozen_embeddings", "cached_topk", "frozen+cached"]
+    variants = [
+        "default",
+        "full_logits",
+        "frozen_embeddings",
+        "cached_topk",
+        "frozen+cached",
+    ]
     models = {}
     for name in variants:
         student, _ = load_model(args.student, dtype=torch.float32)

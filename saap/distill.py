@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from saap.atomic import atomic_file
 from saap.data import calibration_documents, evaluation_documents
 from saap.errors import DataError
+from saap.model import decoder_and_head
 from saap.sources import sha256_of
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,134 @@ def kd_loss(
         * temperature**2
     )
     return _with_lm_loss(kl, student_logits, labels, alpha)
+
+
+# rows of logits per chunk of :func:`chunked_kd_loss`: 128 x 49,152 float32 is
+# 25 MB, under glibc's largest mmap threshold (32 MB), so the chunk buffers are
+# reused from the heap instead of being mapped, faulted in and unmapped anew
+KD_CHUNK_ROWS = 128
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Output projection + :func:`kd_loss` in row chunks (see
+    :func:`chunked_kd_loss`); the forward pass keeps the loss's gradient with
+    respect to the logits, in the compute dtype, for the backward pass's two
+    matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, temperature, alpha):
+        loss, kl, saved = _chunked_kd(
+            hidden, weight, t_hidden, t_weight, labels, temperature, alpha, True
+        )
+        ctx.save_for_backward(*saved)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(kl)
+        return loss, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl):
+        g, h, w = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (g @ w).to(ctx.dtypes[0]).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.T @ h).to(ctx.dtypes[1]).mul_(scale)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _chunked_kd(
+    hidden, weight, t_hidden, t_weight, labels, temperature, alpha, want_grad
+):
+    """(loss, kl, [grad wrt the logits, hidden, weight] in the compute dtype, or
+    [] without ``want_grad``)."""
+    n = hidden.shape[0]
+    dtype = (
+        torch.get_autocast_dtype("cpu")
+        if torch.is_autocast_enabled("cpu")
+        else hidden.dtype
+    )
+
+    def scaled(logits):  # never in place: z is read again for the LM loss
+        logits = logits.float()
+        return logits if temperature == 1.0 else logits / temperature
+
+    with torch.autocast("cpu", enabled=False):
+        w, tw = weight.to(dtype), t_weight.to(dtype)
+        h_all, th_all = hidden.to(dtype), t_hidden.to(dtype)
+        grad_logits = torch.empty(n, w.shape[0], dtype=dtype) if want_grad else None
+        kl_sum = torch.zeros((), dtype=torch.float64)
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        for start in range(0, n, KD_CHUNK_ROWS):
+            rows = slice(start, min(start + KD_CHUNK_ROWS, n))
+            z = h_all[rows] @ w.T
+            ls = torch.log_softmax(scaled(z), -1)
+            lt = torch.log_softmax(scaled(th_all[rows] @ tw.T), -1)
+            pt = lt.exp()
+            kl_sum += (pt * (lt - ls)).sum().double()
+            p1 = None
+            if alpha < 1.0:
+                l1 = ls if temperature == 1.0 else torch.log_softmax(z.float(), -1)
+                target = labels[rows].reshape(-1, 1)
+                ce_sum -= l1.gather(-1, target).sum().double()
+                if want_grad:
+                    # d/dz of (1 - alpha) * CE / n: softmax(z) - onehot
+                    p1 = l1.exp()
+                    p1.scatter_add_(-1, target, torch.full(target.shape, -1.0))
+            if not want_grad:
+                continue
+            # d/dz of alpha * T^2 * KL(softmax(zt/T) || softmax(z/T)) / n
+            grad = ls.exp_().sub_(pt).mul_(alpha * temperature / n)
+            if p1 is not None:
+                grad.add_(p1, alpha=(1.0 - alpha) / n)
+            grad_logits[rows] = grad
+        kl = (kl_sum / n * temperature**2).float()
+        loss = alpha * kl + (1 - alpha) * (ce_sum / n).float() if alpha < 1.0 else kl
+    saved = [grad_logits, h_all, w] if want_grad else []
+    return loss, kl.clone(), saved
+
+
+def chunked_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kd_loss` from the final hidden states ``(N, H)`` of student and
+    teacher and their output projections ``(V, H)``, without the ``(N, V)``
+    logits of either ever existing whole.
+
+    The logits are formed ``KD_CHUNK_ROWS`` rows at a time; each chunk's loss
+    and its gradient, ``alpha*T*(softmax(z/T) - softmax(zt/T))/N`` plus
+    ``(1-alpha)*(softmax(z) - onehot)/N``, are computed in the same pass and
+    pushed through the projection at once, so the backward pass only scales two
+    stored tensors. The same value as :func:`kd_loss` on the full logits (same
+    matmuls in the autocast dtype, float32 softmaxes): the full-logit loss
+    allocates, faults in and frees a dozen float32 ``(N, V)`` tensors per step
+    (1,020 x 49,152 is 200 MB each), which on 2 CPU cores cost more than the
+    projection's matmuls.
+    """
+    if alpha < 1.0 and labels is None:
+        raise ValueError("kd_alpha < 1 mixes in the LM loss: labels are needed")
+    labels = labels.reshape(-1) if labels is not None else None
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedKD.apply(
+            hidden, weight, teacher_hidden, teacher_weight, labels, temperature, alpha
+        )
+    loss, kl, _ = _chunked_kd(
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        temperature,
+        alpha,
+        want_grad=False,
+    )
+    return loss, kl
 
 
 def _with_lm_loss(kl, student_logits, labels, alpha: float):
@@ -318,17 +447,24 @@ def distill_trainer_class():
                     self.alpha,
                 )
                 return (loss, outputs) if return_outputs else loss
+            # final hidden states of both models, then the output projections
+            # and the loss in row chunks: the (B, T, V) logits never exist whole
+            decoder, head = decoder_and_head(model, required=True)
+            t_decoder, t_head = decoder_and_head(self.teacher, required=True)
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids).logits[:, :-1]
-            outputs = model(input_ids=ids)
-            loss, _ = kd_loss(
-                outputs.logits[:, :-1],
-                teacher_logits,
-                ids[:, 1:],
-                self.temperature,
-                self.alpha,
-            )
-            return (loss, outputs) if return_outputs else loss
+                t_hidden = t_decoder(input_ids=ids).last_hidden_state[:, :-1]
+            with self.accelerator.autocast():
+                hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+                loss, kl = chunked_kd_loss(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    head.weight,
+                    t_hidden.reshape(-1, t_hidden.shape[-1]),
+                    t_head.weight,
+                    ids[:, 1:],
+                    self.temperature,
+                    self.alpha,
+                )
+            return (loss, {"kl": kl}) if return_outputs else loss
 
         prediction_step = _objective_on_held_out
 

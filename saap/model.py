@@ -107,6 +107,43 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.model.layers
 
 
+# config fields of causal LMs whose logits are more than ``lm_head(final hidden)``
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def decoder_and_head(model, required: bool = False):
+    """(decoder stack with its final norm, output projection) of a causal LM whose
+    logits are exactly ``head(decoder(ids).last_hidden_state)`` (LLaMA, Qwen2,
+    Mistral, SAAP's pruned models; through a PEFT wrapper where there is one),
+    so that callers can form the logits a chunk of rows at a time. ``None`` for
+    a model that transforms its logits further (softcapping, scaling) or has no
+    bias-free projection: callers then use ``model(...).logits``, or with
+    ``required`` this raises."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    config = getattr(base, "config", None)
+    transforms = [
+        name
+        for name in _LOGIT_TRANSFORMS
+        if getattr(config, name, None) not in (None, 1, 1.0)
+    ]
+    if (
+        head is None
+        or not isinstance(head, nn.Linear)
+        or head.bias is not None
+        or transforms
+        or not hasattr(base, "get_decoder")
+    ):
+        if required:
+            raise PruningError(
+                f"{type(base).__name__} does not compute its logits as a bias-free "
+                f"projection of the final hidden state ({transforms or 'its head'}); "
+                "chunked distillation needs one (use finetune.method: lora)"
+            )
+        return None
+    return base.get_decoder(), head
+
+
 def layer_shape(layer: nn.Module, head_dim: int) -> LayerShape:
     """Derive a layer's sizes from its weight shapes and check they agree."""
     attn, mlp = layer.self_attn, layer.mlp

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saap.errors import DataError
+from saap.model import decoder_and_head
 
 
 def windows_of(
@@ -29,6 +30,38 @@ def windows_of(
             f"{seq_len}-token window"
         )
     return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+
+
+# rows of logits formed at once by :func:`logit_rows`: 128 x 49,152 float32 is
+# 25 MB, under glibc's largest mmap threshold, so chunk buffers are reused from
+# the heap rather than mapped and faulted in for every batch
+LOGIT_ROWS = 128
+
+
+def logit_rows(
+    model: nn.Module, batch: torch.Tensor, first: int = 0, stop: int | None = -1
+):
+    """The float32 next-token logits of ``batch`` at positions ``first`` to
+    ``stop`` (default: all but the last, whose next token is unknown; ``None``:
+    all), ``LOGIT_ROWS`` rows at a time: yields ``(rows, logits)`` with
+    ``rows`` a slice of the flattened ``(B, positions)``. The
+    final hidden states are computed once and projected a chunk at a time (the
+    whole ``(B, T, V)`` logits never exist); a model whose logits are more than
+    that projection is run whole and sliced."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch).logits[:, first:stop]
+        flat = logits.reshape(-1, logits.shape[-1])
+        for start in range(0, flat.shape[0], LOGIT_ROWS):
+            rows = slice(start, min(start + LOGIT_ROWS, flat.shape[0]))
+            yield rows, flat[rows].float()
+        return
+    decoder, head = parts
+    hidden = decoder(input_ids=batch).last_hidden_state[:, first:stop]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    for start in range(0, hidden.shape[0], LOGIT_ROWS):
+        rows = slice(start, min(start + LOGIT_ROWS, hidden.shape[0]))
+        yield rows, head(hidden[rows]).float()
 
 
 @torch.no_grad()
@@ -47,12 +80,13 @@ def window_nll(
     for batch in tqdm(
         torch.split(windows, batch_size), desc=desc, disable=not progress
     ):
-        logits = model(input_ids=batch).logits[:, first:-1].float()  # (B, T-1-f, V)
-        targets = batch[:, first + 1 :]
-        nll = nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, reduction="none"
-        )  # (B, T-1)
-        out.append(nll.mean(dim=1).double())
+        targets = batch[:, first + 1 :].reshape(-1)
+        nll = torch.empty(targets.shape[0], dtype=torch.float32)
+        for rows, logits in logit_rows(model, batch, first):
+            nll[rows] = nn.functional.cross_entropy(
+                logits, targets[rows], reduction="none"
+            )
+        out.append(nll.view(batch.shape[0], -1).mean(dim=1).double())
     return torch.cat(out)
 
 
@@ -94,11 +128,19 @@ def fidelity(
     for batch in tqdm(
         torch.split(windows, batch_size), desc="fidelity", disable=not progress
     ):
-        ref = torch.log_softmax(reference(input_ids=batch).logits.float(), -1)
-        cand = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
-        # (B, T, V) -> (B, T): KL(p || q) = sum p (log p - log q)
-        kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0)
-        agree = (ref.argmax(-1) == cand.argmax(-1)).double()
-        kl_out.append(kl.mean(dim=1).double())
-        agree_out.append(agree.mean(dim=1))
+        positions = batch.shape[0] * batch.shape[1]
+        kl = torch.empty(positions, dtype=torch.float64)
+        agree = torch.empty(positions, dtype=torch.float64)
+        for (rows, ref), (_, cand) in zip(
+            logit_rows(reference, batch, stop=None),
+            logit_rows(model, batch, stop=None),
+            strict=True,
+        ):
+            ref = torch.log_softmax(ref, -1)
+            cand = torch.log_softmax(cand, -1)
+            # KL(p || q) = sum p (log p - log q)
+            kl[rows] = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).double()
+            agree[rows] = (ref.argmax(-1) == cand.argmax(-1)).double()
+        kl_out.append(kl.view(batch.shape[0], -1).mean(dim=1))
+        agree_out.append(agree.view(batch.shape[0], -1).mean(dim=1))
     return torch.cat(kl_out), torch.cat(agree_out)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from saap.data import evaluation_documents
 from saap.distill import (
     block_loss,
+    chunked_kd_loss,
     decontaminate,
     kd_loss,
     pack,
@@ -118,6 +119,86 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it():
     mixed, kl = topk_kd_loss(student, values, index, labels, 1.0, 0.25)
     ce = torch.nn.functional.cross_entropy(student.view(-1, 11), labels.view(-1))
     assert float(mixed) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "temperature,alpha", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.25), (2.0, 0.5)]
+)
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_kd_loss_equals_the_full_logit_loss_and_its_gradients(
+    monkeypatch, temperature, alpha, frozen_head
+):
+    # 10 rows in chunks of 4: two whole chunks and a partial one
+    monkeypatch.setattr("saap.distill.KD_CHUNK_ROWS", 4)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    t_weight = torch.randn(13, 6, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 13, (10,), generator=g)
+    grads = {}
+    for name in ("full", "chunked"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(not frozen_head)
+        if name == "full":
+            loss, kl = kd_loss(
+                h @ w.T, t_hidden @ t_weight.T, labels, temperature, alpha
+            )
+        else:
+            loss, kl = chunked_kd_loss(
+                h, w, t_hidden, t_weight, labels, temperature, alpha
+            )
+        (loss * 3).backward()  # an outer factor reaches both gradients
+        grads[name] = (float(loss.detach()), float(kl.detach()), h.grad, w.grad)
+    full, chunked = grads["full"], grads["chunked"]
+    assert chunked[0] == pytest.approx(full[0], rel=1e-5)
+    assert chunked[1] == pytest.approx(full[1], rel=1e-5)
+    torch.testing.assert_close(chunked[2], full[2], rtol=1e-4, atol=1e-7)
+    if frozen_head:
+        assert chunked[3] is None
+    else:
+        torch.testing.assert_close(chunked[3], full[3], rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # validation: the same value, no gradient kept
+        loss, kl = chunked_kd_loss(
+            hidden, weight, t_hidden, t_weight, labels, temperature, alpha
+        )
+    assert float(loss) == pytest.approx(full[0], rel=1e-5)
+    assert not loss.requires_grad
+
+
+def test_chunked_kd_loss_needs_labels_to_mix_in_the_lm_loss():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_kd_loss(x, torch.randn(5, 4), x, torch.randn(5, 4), None, 1.0, 0.5)
+
+
+def test_the_trainer_loss_is_the_full_logit_kl_of_the_models(student_and_teacher):
+    from saap.distill import distill_trainer_class
+
+    pruned_dir, teacher, tokenizer = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    ids = torch.randint(0, student.config.vocab_size, (2, 16))
+    trainer = object.__new__(distill_trainer_class())  # only compute_loss is used
+    trainer.teacher, trainer.temperature, trainer.alpha = teacher, 2.0, 0.5
+
+    class NoAutocast:
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    trainer.accelerator = NoAutocast()
+    loss = trainer.compute_loss(student, {"input_ids": ids})
+    with torch.no_grad():
+        expected, _ = kd_loss(
+            student(input_ids=ids).logits[:, :-1],
+            teacher(input_ids=ids).logits[:, :-1],
+            ids[:, 1:],
+            2.0,
+            0.5,
+        )
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.requires_grad
 
 
 class CountingForward:
