@@ -194,7 +194,8 @@ def flat_metrics(variant: str, metrics: dict) -> dict[str, float]:
         "peak_rss_mb",
         "weight_bytes_per_token",
     ):
-        out[f"{variant}.{key}"] = bench[key]
+        if key in bench:  # the dense record, derived, has no peak_rss_mb
+            out[f"{variant}.{key}"] = bench[key]
     # PyTorch eager, the second runtime: <variant>.torch.speedup.*
     speedup = bench.get("speedup_vs_dense") or {}
     for kind in ("decode", "prefill"):

@@ -19,10 +19,13 @@ import argparse
 import json
 import logging
 import resource
+import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 from saap.atomic import write_json
 from saap.errors import DataError
+from saap.evaluation import bench
 from saap.evaluation.bench import benchmark_against, benchmark_with, llamacpp_benchmark
 from saap.model import load_model, torch_dtype
 from saap.params import BenchParams, load_section
@@ -83,6 +86,88 @@ def run(
     return metrics
 
 
+def dense_from_interleaved(
+    candidate: dict, dense, checkpoint: Path, dense_gguf: Mapping[str, Path] | None
+) -> dict:
+    """The dense model's edge record from a candidate's bench record, whose
+    rounds timed the dense model interleaved with the candidate (PyTorch eager
+    ``speedup_vs_dense.timings.dense``, llama.cpp ``types.<t>.timings.dense``):
+    the dense figures of the same run, on the same machine state, as the
+    speedups that gate. Nothing is timed here; the static figures come from the
+    loaded ``dense`` model and its GGUF files. There is no process of its own to
+    take a peak resident memory from, so the record has none."""
+    speedup = candidate.get("speedup_vs_dense")
+    if not speedup:
+        raise ValueError(
+            f"bench record of {candidate.get('variant')!r} holds no dense timings "
+            "(speedup_vs_dense); bench it with --dense models/base"
+        )
+    rounds = speedup["timings"]["dense"]
+    prompt_len = candidate["prompt_len"]
+    record = (
+        bench.static_metrics(dense, checkpoint, candidate["context_len"])
+        | {
+            key: candidate[key]
+            for key in ("threads", "prompt_len", "decode_tokens", "repeats")
+        }
+        | bench.speed_metrics(
+            [prompt_len / v for v in rounds["prefill"]],
+            [1.0 / v for v in rounds["decode"]],
+            prompt_len,
+        )
+    )
+    record["measured_with"] = candidate.get("variant")
+    runtime = candidate.get("llamacpp")
+    if runtime and dense_gguf is not None:
+        types = {}
+        for kind, entry in runtime["types"].items():
+            if "timings" not in entry or "dense" not in entry["timings"]:
+                raise ValueError(
+                    f"llama.cpp {kind} of {candidate.get('variant')!r} was not run "
+                    "with the dense file (bench with --dense-gguf)"
+                )
+            if kind not in dense_gguf:
+                raise ValueError(
+                    f"no dense {kind} GGUF file; export both with the same "
+                    "export.gguf_types"
+                )
+            timings = entry["timings"]["dense"]
+            types[kind] = {
+                "file_bytes": dense_gguf[kind].stat().st_size,
+                "tensor_bytes": bench.gguf_tensor_bytes(dense_gguf[kind]),
+                "prefill_tokens_per_s": statistics.median(timings["prefill"]),
+                "decode_tokens_per_s": statistics.median(timings["decode"]),
+                "timings": {"dense": timings},
+            }
+        record["llamacpp"] = {k: v for k, v in runtime.items() if k != "types"} | {
+            "types": types
+        }
+    return record
+
+
+def derive_dense(
+    candidate_path: Path, model_dir: Path, gguf_dir: Path | None, out: Path
+) -> dict:
+    """``metrics/bench/dense.json`` from the dense rounds of a candidate's record
+    (:func:`dense_from_interleaved`)."""
+    if not candidate_path.is_file():
+        raise DataError(
+            f"{candidate_path} does not exist; bench the candidate first "
+            "(`dvc repro bench@<gates.variant>`)"
+        )
+    candidate = json.loads(candidate_path.read_text())
+    gguf = gguf_files(gguf_dir) if gguf_dir is not None else None
+    dense, _ = load_model(model_dir, dtype=torch_dtype(candidate.get("dtype", "auto")))
+    try:
+        record = dense_from_interleaved(candidate, dense, model_dir, gguf)
+    except ValueError as exc:
+        raise DataError(f"{candidate_path}: {exc}") from None
+    metrics = {"schema": SCHEMA, "variant": "dense", "checkpoint": str(model_dir)}
+    metrics |= record | {"runtime": "pytorch-eager"}
+    write_json(out, metrics)
+    return metrics
+
+
 @guarded
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -93,18 +178,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense", type=Path, default=None)
     parser.add_argument("--gguf", type=Path, default=None)
     parser.add_argument("--dense-gguf", type=Path, default=None)
+    parser.add_argument(
+        "--from-interleaved",
+        type=Path,
+        default=None,
+        help="a candidate's bench record: write the dense model's record from the "
+        "dense rounds timed in it (--variant dense --model models/base "
+        "--gguf models/gguf/dense), timing nothing",
+    )
     args = parser.parse_args(argv)
     params = load_section(args.params, "bench")
     setup(params.threads)
-    metrics = run(
-        params,
-        args.variant,
-        args.model,
-        args.out,
-        args.dense,
-        args.gguf,
-        args.dense_gguf,
-    )
+    if args.from_interleaved is not None:
+        metrics = derive_dense(args.from_interleaved, args.model, args.gguf, args.out)
+    else:
+        metrics = run(
+            params,
+            args.variant,
+            args.model,
+            args.out,
+            args.dense,
+            args.gguf,
+            args.dense_gguf,
+        )
     log.info(
         "%s: decode %.1f tok/s, prefill %.1f tok/s",
         args.variant,

@@ -99,16 +99,29 @@ def test_closure_follows_function_level_imports():
     assert Path("saap/params.py") in code_closure("stages.assets")
 
 
-@pytest.mark.parametrize("stage", ["dvc.yaml:bench-dense", "dvc.yaml:bench"])
-def test_bench_stages_depend_on_every_bench_setting_but_the_variant_list(stage):
+def test_bench_stages_depend_on_every_bench_setting_but_the_variant_list():
     """The bench stages list their params key by key, leaving out only
     ``bench.variants``: benchmarking one more variant does not re-run the
     others, and any other bench setting does."""
     from saap.params import BenchParams
 
-    listed = set(pipeline_stages()[stage]["params"])
+    listed = set(pipeline_stages()["dvc.yaml:bench"]["params"])
     expected = {f"bench.{key}" for key in BenchParams.model_fields} - {"bench.variants"}
     assert listed == expected
+
+
+def test_the_dense_bench_record_comes_from_the_gated_variants_bench():
+    """bench-dense times nothing: it reads the dense rounds of the gated
+    variant's bench record, so it depends on that record (and through it on
+    every bench setting) and re-runs when the gated variant changes."""
+    body = pipeline_stages()["dvc.yaml:bench-dense"]
+    record = "metrics/bench/${gates.variant}.json"  # DVC fills in params.yaml's
+    assert f"--from-interleaved {record}" in body["cmd"]
+    assert record in body["deps"]
+    assert "gates.variant" in body["params"]
+    assert not any(
+        p.startswith("bench.") and p != "bench.threads" for p in body["params"]
+    )
 
 
 def test_bench_stage_runs_the_variants_of_params_yaml():

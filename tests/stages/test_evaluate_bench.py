@@ -146,3 +146,62 @@ def test_bench_stage_reports_interleaved_speedups(tiny_model_dir, tmp_path):
         assert interval["n"] == 4
         assert interval["lower"] <= interval["value"] <= interval["upper"]
         assert len(ratios["timings"]["dense"][kind]) == 4
+
+
+def tiny_gguf(path, values: int) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", np.zeros(values, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_dense_record_comes_from_the_candidates_interleaved_rounds(
+    tiny_model_dir, tmp_path
+):
+    params = BenchParams(prompt_len=8, decode_tokens=4, repeats=4, warmup=1, threads=1)
+    candidate = bench.run(
+        params, "finetuned", tiny_model_dir, tmp_path / "c.json", tiny_model_dir
+    )
+    # llama.cpp rounds as bench@<variant> records them, and the dense GGUF files
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    tiny_gguf(folder / "dense-f16.gguf", 64)
+    (folder / "export.json").write_text(
+        json.dumps({"gguf": {"files": {"f16": {"file": "dense-f16.gguf"}}}})
+    )
+    rounds = {"prefill": [100.0, 120.0, 110.0], "decode": [20.0, 24.0, 22.0]}
+    candidate["llamacpp"] = {
+        "runtime": "llama.cpp",
+        "threads": 1,
+        "types": {"f16": {"timings": {"dense": rounds, "candidate": rounds}}},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(candidate))
+    dense = bench.derive_dense(
+        tmp_path / "c.json", tiny_model_dir, folder, tmp_path / "dense.json"
+    )
+    assert json.loads((tmp_path / "dense.json").read_text()) == dense
+    eager = candidate["speedup_vs_dense"]["timings"]["dense"]
+    expected = bench.bench.speed_metrics(
+        [8 / v for v in eager["prefill"]], [1 / v for v in eager["decode"]], 8
+    )
+    for key, value in expected.items():
+        assert dense[key] == pytest.approx(value)
+    assert dense["variant"] == "dense" and dense["measured_with"] == "finetuned"
+    assert dense["params"] == candidate["params"]  # the same tiny checkpoint
+    assert dense["repeats"] == 4 and "peak_rss_mb" not in dense
+    f16 = dense["llamacpp"]["types"]["f16"]
+    assert f16["decode_tokens_per_s"] == 22.0 and f16["prefill_tokens_per_s"] == 110.0
+    assert f16["tensor_bytes"] == 64 * 4 and dense["llamacpp"]["threads"] == 1
+    # a record benched without the dense model cannot give the dense figures
+    alone = bench.run(params, "alone", tiny_model_dir, tmp_path / "a.json", None)
+    assert "speedup_vs_dense" not in alone
+    with pytest.raises(DataError, match="--dense models/base"):
+        bench.derive_dense(tmp_path / "a.json", tiny_model_dir, None, tmp_path / "d")
+    with pytest.raises(DataError, match="bench the candidate first"):
+        bench.derive_dense(tmp_path / "no.json", tiny_model_dir, None, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
