@@ -169,9 +169,43 @@ def source_sha256() -> str:
     return PACKAGES[SDIST].sha256
 
 
+# Targets compiled without optimisation: llama-common (argument parsing, chat
+# templates, JSON, sampling helpers) took 146 s of the 5.8-min build on 2 cores
+# at -O3 and takes 100 s at -O0 (its 51 objects alone, ninja -j2), and does none
+# of the timed or numeric work (llama-bench times llama_decode in libllama and
+# ggml; llama-quantize's conversions and llama-perplexity's scoring loop live
+# there and in the tools' own sources, all at -O3).
+UNOPTIMISED_TARGETS = ("llama-common",)
+# included at each project() call of llama.cpp's CMake build
+# (CMAKE_PROJECT_INCLUDE); the call runs once the top directory is processed,
+# when every target exists, and its -O0 comes after the Release -O3
+_PROJECT_INCLUDE = """\
+if(CMAKE_CURRENT_SOURCE_DIR STREQUAL CMAKE_SOURCE_DIR AND NOT SAAP_DEFERRED)
+  set(SAAP_DEFERRED ON)
+{calls}endif()
+"""
+# one literal call per target: a deferred call's ${...} would be read when it
+# runs, after a loop variable is gone
+_DEFER_CALL = (
+    "  cmake_language(DEFER CALL set_property TARGET {target} "
+    "APPEND PROPERTY COMPILE_OPTIONS -O0)\n"
+)
+
+
+def project_include(targets: tuple[str, ...] = UNOPTIMISED_TARGETS) -> str:
+    """The CMake code that compiles ``targets`` at -O0."""
+    calls = "".join(_DEFER_CALL.format(target=t) for t in targets)
+    return _PROJECT_INCLUDE.format(calls=calls)
+
+
 def build_key(options: dict[str, str], compiler: str) -> str:
     text = json.dumps(
-        {"sha256": source_sha256(), "options": options, "compiler": compiler},
+        {
+            "sha256": source_sha256(),
+            "options": options,
+            "compiler": compiler,
+            "unoptimised": list(UNOPTIMISED_TARGETS),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -266,6 +300,9 @@ def _build(
     work = root.with_name(root.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     build_dir = work / "build"
+    include = work / "project-include.cmake"
+    work.mkdir(parents=True)
+    include.write_text(_PROJECT_INCLUDE.format(targets=" ".join(UNOPTIMISED_TARGETS)))
     start = time.perf_counter()
     # Ninja where the machine has it (the same targets and flags; its log says
     # where the time goes: about 700 s of compiling, 42% of it llama-common)
@@ -278,6 +315,7 @@ def _build(
         "-B",
         str(build_dir),
         *(f"-D{k}={v}" for k, v in options.items()),
+        f"-DCMAKE_PROJECT_INCLUDE={include}",
     ]
     jobs = jobs or os.cpu_count() or 1
     build = [
@@ -306,6 +344,7 @@ def _build(
         "source": f"{PACKAGES[SDIST].requirement} ({VENDORED})",
         "source_sha256": source_sha256(),
         "options": options,
+        "unoptimised": list(UNOPTIMISED_TARGETS),
         "compiler": compiler,
         "cpu_flags": sorted(f for f in cpu_flags() if f in X86_FLAGS),
         "jobs": jobs,
@@ -315,6 +354,7 @@ def _build(
     }
     (work / "build.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(build_dir)
+    include.unlink()
     if root.exists():
         shutil.rmtree(root)
     os.replace(work, root)

@@ -9,6 +9,8 @@ the user cache folder)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -299,3 +301,46 @@ def test_every_module_of_the_export_package_registers_its_exporter():
     modules = {m.name for m in pkgutil.iter_modules(saap.export.__path__)}
     registered = {type(e).__module__.rsplit(".", 1)[1] for e in EXPORTERS.values()}
     assert modules == registered == {"gguf"}
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_the_project_include_compiles_only_the_named_target_unoptimised(tmp_path):
+    """The CMake code the llama.cpp build is configured with: a target defined
+    in a subdirectory gets -O0 after the Release flags, the others keep them."""
+    from saap.runtime.llamacpp import UNOPTIMISED_TARGETS, project_include
+
+    assert UNOPTIMISED_TARGETS == ("llama-common",)
+    src = tmp_path / "src"
+    (src / "common").mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.19)\nproject(demo CXX)\n"
+        "add_subdirectory(common)\nadd_library(fast STATIC fast.cpp)\n"
+    )
+    (src / "common" / "CMakeLists.txt").write_text(
+        "project(inner CXX)\nadd_library(slow STATIC slow.cpp)\n"
+    )
+    (src / "fast.cpp").write_text("int fast() { return 1; }\n")
+    (src / "common" / "slow.cpp").write_text("int slow() { return 2; }\n")
+    include = tmp_path / "include.cmake"
+    include.write_text(project_include(("slow",)))
+    build = tmp_path / "build"
+    subprocess.run(
+        [
+            "cmake",
+            "-G",
+            "Unix Makefiles",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PROJECT_INCLUDE={include}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    slow = (build / "common" / "CMakeFiles" / "slow.dir" / "flags.make").read_text()
+    fast = (build / "CMakeFiles" / "fast.dir" / "flags.make").read_text()
+    flags = next(line for line in slow.splitlines() if line.startswith("CXX_FLAGS"))
+    assert flags.index("-O3") < flags.index("-O0")  # the last -O wins
+    assert "-O0" not in fast and "-O3" in fast
