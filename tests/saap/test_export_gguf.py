@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -344,3 +345,32 @@ def test_the_project_include_compiles_only_the_named_target_unoptimised(tmp_path
     flags = next(line for line in slow.splitlines() if line.startswith("CXX_FLAGS"))
     assert flags.index("-O3") < flags.index("-O0")  # the last -O wins
     assert "-O0" not in fast and "-O3" in fast
+
+
+def test_the_build_is_configured_with_the_project_include(monkeypatch, tmp_path):
+    """_build hands cmake the include that compiles llama-common at -O0 and
+    records it; the include file does not stay in the build folder."""
+    from saap.runtime import llamacpp as runtime
+
+    monkeypatch.setattr(runtime, "unpack_source", lambda cache: tmp_path / "src")
+    monkeypatch.setattr(runtime, "check_toolchain", lambda: None)
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        if "--build" in command:
+            build_dir = Path(command[command.index("--build") + 1])
+            (build_dir / "bin").mkdir(parents=True)
+            for tool in runtime.TOOLS:
+                (build_dir / "bin" / tool).write_text("")
+        else:
+            flag = next(c for c in command if c.startswith("-DCMAKE_PROJECT_INCLUDE="))
+            seen["include"] = Path(flag.partition("=")[2]).read_text()
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(runtime.subprocess, "run", fake_run)
+    root = tmp_path / "cache" / "llama.cpp" / "build-key"
+    tools = runtime._build(tmp_path / "cache", root, "key", {"A": "B"}, "c++", 2)
+    assert seen["include"] == runtime.project_include()
+    assert "TARGET llama-common APPEND PROPERTY COMPILE_OPTIONS -O0" in seen["include"]
+    assert tools.info["unoptimised"] == ["llama-common"]
+    assert sorted(p.name for p in root.iterdir()) == ["bin", "build.json"]
