@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from saap.comparison import seed_ratio
 from saap.distill import (
     chunked_kd_loss,
     decoder_and_head,
@@ -180,14 +181,20 @@ def main() -> None:
         f"{args.seq_len} tokens, 2 "
         f"threads, compute dtype {dtype}; variants interleaved per round.",
         "",
-        "| variant | tokens/s per round | mean | vs default |",
-        "|---|---|---:|---:|",
+        "| variant | tokens/s per round | mean | vs default, 95% CI (by round) |",
+        "|---|---|---:|---|",
     ]
-    base = statistics.mean(timings["default"])
     for name in variants:
         mean = statistics.mean(timings[name])
         rounds = ", ".join(f"{t:.0f}" for t in timings[name])
-        lines.append(f"| {name} | {rounds} | {mean:.0f} | {mean / base:.2f}x |")
+        if name == "default":
+            versus = "1"
+        elif args.rounds >= 2:
+            ratio = seed_ratio(timings[name], timings["default"])
+            versus = f"{ratio.value:.2f}x [{ratio.lower:.2f}, {ratio.upper:.2f}]"
+        else:
+            versus = f"{mean / statistics.mean(timings['default']):.2f}x (1 round)"
+        lines.append(f"| {name} | {rounds} | {mean:.0f} | {versus} |")
     lines += [
         "",
         "Profile of one default step (self CPU time):",
