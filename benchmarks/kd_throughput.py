@@ -32,8 +32,7 @@ import torch
 
 from saap.comparison import seed_ratio
 from saap.distill import (
-    chunked_kd_loss,
-    decoder_and_head,
+    distillation_loss,
     kd_loss,
     teacher_targets,
     topk_kd_loss,
@@ -56,22 +55,8 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
         if native_bfloat16()
         else contextlib.nullcontext()
     )
-    if name == "default":
-        decoder, head = decoder_and_head(student)
-        t_decoder, t_head = decoder_and_head(teacher)
-        with torch.no_grad():
-            t_hidden = t_decoder(input_ids=batch).last_hidden_state[:, :-1]
-        with autocast:
-            hidden = decoder(input_ids=batch).last_hidden_state[:, :-1]
-            loss, _ = chunked_kd_loss(
-                hidden.reshape(-1, hidden.shape[-1]),
-                head.weight,
-                t_hidden.reshape(-1, t_hidden.shape[-1]),
-                t_head.weight,
-                None,
-                1.0,
-                1.0,
-            )
+    if name == "default":  # the Trainer's own loss
+        loss, _ = distillation_loss(student, teacher, batch, 1.0, 1.0, lambda: autocast)
     elif name == "cached_topk":
         # finetune.kd_topk with its cache filled: no teacher forward, the KL
         # over the teacher's top-k tokens plus its tail mass

@@ -17,6 +17,7 @@ side is its top-k log-probabilities plus one "any other token" outcome
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -250,6 +251,35 @@ def chunked_kd_loss(
     return loss, kl
 
 
+def distillation_loss(
+    student,
+    teacher,
+    ids: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    autocast=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, KL) of the ``kd`` recovery's step on token windows ``ids``: both
+    models' final hidden states (the teacher's without gradients, the
+    student's under ``autocast()``), then :func:`chunked_kd_loss` on their
+    output projections, so the ``(B, T, V)`` logits never exist whole."""
+    decoder, head = decoder_and_head(student, required=True)
+    t_decoder, t_head = decoder_and_head(teacher, required=True)
+    with torch.no_grad():
+        t_hidden = t_decoder(input_ids=ids).last_hidden_state[:, :-1]
+    with autocast():
+        hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+        return chunked_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            t_hidden.reshape(-1, t_hidden.shape[-1]),
+            t_head.weight,
+            ids[:, 1:],
+            temperature,
+            alpha,
+        )
+
+
 def _with_lm_loss(kl, student_logits, labels, alpha: float):
     """(alpha * kl + (1 - alpha) * CE(student, labels), kl); the KL alone when
     ``alpha`` is 1 or there are no labels."""
@@ -447,23 +477,14 @@ def distill_trainer_class():
                     self.alpha,
                 )
                 return (loss, outputs) if return_outputs else loss
-            # final hidden states of both models, then the output projections
-            # and the loss in row chunks: the (B, T, V) logits never exist whole
-            decoder, head = decoder_and_head(model, required=True)
-            t_decoder, t_head = decoder_and_head(self.teacher, required=True)
-            with torch.no_grad():
-                t_hidden = t_decoder(input_ids=ids).last_hidden_state[:, :-1]
-            with self.accelerator.autocast():
-                hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
-                loss, kl = chunked_kd_loss(
-                    hidden.reshape(-1, hidden.shape[-1]),
-                    head.weight,
-                    t_hidden.reshape(-1, t_hidden.shape[-1]),
-                    t_head.weight,
-                    ids[:, 1:],
-                    self.temperature,
-                    self.alpha,
-                )
+            loss, kl = distillation_loss(
+                model,
+                self.teacher,
+                ids,
+                self.temperature,
+                self.alpha,
+                self.accelerator.autocast,
+            )
             return (loss, {"kl": kl}) if return_outputs else loss
 
         prediction_step = _objective_on_held_out
