@@ -222,14 +222,15 @@ def chunked_kd_loss(
     logits of either ever existing whole.
 
     The logits are formed ``KD_CHUNK_ROWS`` rows at a time; each chunk's loss
-    and its gradient, ``alpha*T*(softmax(z/T) - softmax(zt/T))/N`` plus
-    ``(1-alpha)*(softmax(z) - onehot)/N``, are computed in the same pass and
-    pushed through the projection at once, so the backward pass only scales two
-    stored tensors. The same value as :func:`kd_loss` on the full logits (same
-    matmuls in the autocast dtype, float32 softmaxes): the full-logit loss
-    allocates, faults in and frees a dozen float32 ``(N, V)`` tensors per step
-    (1,020 x 49,152 is 200 MB each), which on 2 CPU cores cost more than the
-    projection's matmuls.
+    and its gradient with respect to the logits,
+    ``alpha*T*(softmax(z/T) - softmax(zt/T))/N`` plus
+    ``(1-alpha)*(softmax(z) - onehot)/N``, are computed in the same pass; the
+    gradient is kept in the compute dtype (one ``(N, V)`` tensor) for the
+    backward pass's two matmuls through the projection. The same value as
+    :func:`kd_loss` on the full logits (same matmuls in the autocast dtype,
+    float32 softmaxes): the full-logit loss allocates, faults in and frees
+    about a dozen float32 ``(N, V)`` tensors per step (1,020 x 49,152 is 200 MB
+    each), which on 2 CPU cores costs more than the projection's matmuls.
     """
     if alpha < 1.0 and labels is None:
         raise ValueError("kd_alpha < 1 mixes in the LM loss: labels are needed")
