@@ -138,7 +138,7 @@ def _evaluate_group(
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_tasks(tasks)
-    lm = HFLM(
+    lm = continuation_lm(HFLM)(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal"
     )
     with tempfile.TemporaryDirectory(prefix="saap-tasks-") as tmp:
@@ -167,6 +167,108 @@ def _evaluate_group(
         }
         scores[task] = task_scores(documents[task])
     return scores, documents
+
+
+def continuation_lm(hflm: type) -> type:
+    """lm-eval's ``HFLM`` scoring only the rows it reads.
+
+    lm-eval's own loglikelihood forms the logits and their log-softmax at every
+    position of every padded request (``(B, T, 49,152)`` for SmolLM2) and then
+    keeps the few continuation rows. This subclass runs the decoder once per
+    batch and projects only the continuation rows' final hidden states, where
+    the model's logits are exactly that projection (:func:`decoder_and_head`);
+    the requests, their order, batches, truncation, the one-token cache, the
+    log-softmax dtype and the (log-likelihood, greedy) answers are lm-eval's.
+    Any other model, backend or an ``auto`` batch size takes lm-eval's path."""
+    import torch.nn.functional as F
+    from lm_eval.models.utils import Collator
+
+    from saap.model import decoder_and_head
+
+    class ContinuationLM(hflm):
+        def _loglikelihood_tokens(
+            self, requests, disable_tqdm: bool = False, override_bs=None
+        ):
+            parts = decoder_and_head(self.model)
+            if (
+                parts is None
+                or self.backend != "causal"
+                or self.batch_size == "auto"
+                or override_bs is not None
+            ):
+                return super()._loglikelihood_tokens(
+                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+                )
+            return self._continuation_rows(requests, *parts)
+
+        def _continuation_rows(self, requests, decoder, head):
+            import torch
+
+            # lm-eval's order and grouping (HFLM._loglikelihood_tokens)
+            re_ord = Collator(
+                requests,
+                sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                group_by="contexts" if self.logits_cache else None,
+                group_fn=lambda r: r[-2] + r[-1][:-1],
+            )
+            res = []
+            for chunk in re_ord.get_batched(n=self.batch_size):
+                inps = []
+                for _, context, continuation in chunk:
+                    if not context or not continuation:
+                        raise ValueError("an empty context or continuation")
+                    inps.append((context + continuation)[-(self.max_length + 1) :][:-1])
+                width = max(len(inp) for inp in inps)
+                batch = torch.zeros(len(inps), width, dtype=torch.long)
+                for row, inp in enumerate(inps):
+                    batch[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+                spans = [
+                    (len(inp) - len(cont), len(inp))
+                    for inp, (_, _, cont) in zip(inps, chunk, strict=True)
+                ]
+                with (
+                    torch.no_grad(),
+                    torch.autocast(
+                        device_type=self.device.type,
+                        dtype=self.mixed_precision_dtype,
+                        enabled=self.mixed_precision_dtype is not None,
+                    ),
+                ):
+                    hidden = decoder(input_ids=batch.to(self.device)).last_hidden_state
+                    rows = torch.cat(
+                        [hidden[b, lo:hi] for b, (lo, hi) in enumerate(spans)]
+                    )
+                    logits = head(rows)
+                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                start = 0
+                for (request_str, context, cont), (lo, hi) in zip(
+                    chunk, spans, strict=True
+                ):
+                    selected = logprobs[start : start + hi - lo].unsqueeze(0)
+                    start += hi - lo
+                    greedy = selected.argmax(dim=-1)
+                    # as lm-eval: one answer per request sharing this row
+                    for request_str_, cont_toks, cached in re_ord.get_cache(
+                        req_str=request_str,
+                        cxt_toks=context,
+                        cont_toks=cont,
+                        logits=selected,
+                    ):
+                        target = torch.tensor(
+                            cont_toks, dtype=torch.long, device=cached.device
+                        ).unsqueeze(0)
+                        max_equal = (greedy[:, -target.shape[1] :] == target).all()
+                        picked = torch.gather(cached, 2, target.unsqueeze(-1))
+                        answer = (float(picked.squeeze(-1).sum()), bool(max_equal))
+                        res.append(answer)
+                        if request_str_ is not None:
+                            self.cache_hook.add_partial(
+                                "loglikelihood", request_str_, answer
+                            )
+            return re_ord.get_original(res)
+
+    ContinuationLM.__name__ = ContinuationLM.__qualname__ = "ContinuationLM"
+    return ContinuationLM
 
 
 def task_scores(documents: dict[str, list]) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
@@ -91,3 +92,71 @@ def test_unknown_task_lists_known(eval_dir, tmp_path):
 def test_missing_data_file_names_the_stage(tmp_path):
     with pytest.raises(DataError, match="assets stage writes it"):
         task_objects(tmp_path / "no_eval", ["piqa"], tmp_path)
+
+
+def _lms(model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from saap.evaluation.zeroshot import continuation_lm
+    from saap.model import load_model
+
+    model, tokenizer = load_model(model_dir, dtype=torch.float32)
+    kwargs = dict(pretrained=model, tokenizer=tokenizer, batch_size=3)
+    return HFLM(**kwargs), continuation_lm(HFLM)(**kwargs)
+
+
+def _requests(seed: int = 0):
+    """(context, continuation) token requests of assorted lengths, with groups
+    sharing a context and a one-token continuation (lm-eval's cached case)."""
+    import random
+
+    rng = random.Random(seed)
+    requests = []
+    for index in range(7):
+        context = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 30))]
+        for _ in range(rng.randrange(1, 4)):
+            continuation = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 6))]
+            requests.append(((f"c{index}", str(continuation)), context, continuation))
+        # two one-token continuations of the same context
+        requests.append(((f"c{index}", "a"), context, [7]))
+        requests.append(((f"c{index}", "b"), context, [9]))
+    return requests
+
+
+def test_continuation_rows_score_as_lm_eval(tiny_model_dir):
+    """Projecting only the continuation rows gives lm-eval's own answers: the
+    same log-likelihoods (float32 tiny model) and greedy flags, in request order."""
+    reference, rows = _lms(tiny_model_dir)
+    requests = _requests()
+    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = rows._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(got) == len(expected) == len(requests)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, expected, strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-5)
+        assert greedy == greedy_ref
+    # the greedy case is exercised: a continuation that is the model's argmax
+    context = requests[0][1]
+    best = int(rows.model(torch.tensor([context])).logits[0, -1].argmax())
+    ((_, greedy),) = rows._loglikelihood_tokens([(("x", "y"), context, [best])])
+    assert greedy
+
+
+def test_continuation_rows_fall_back_where_logits_are_more_than_a_projection(
+    tiny_model_dir, monkeypatch
+):
+    """A model whose logits are not its head applied to the final hidden state
+    (softcapping, logit scaling) is scored by lm-eval's own path."""
+    reference, rows = _lms(tiny_model_dir)
+    # a config that declares a logit transform (here inert: LLaMA applies none,
+    # so lm-eval's answers stay the reference)
+    monkeypatch.setattr(
+        rows.model.config, "final_logit_softcapping", 30.0, raising=False
+    )
+    called = []
+    monkeypatch.setattr(
+        type(rows), "_continuation_rows", lambda *a: called.append(1) or []
+    )
+    requests = _requests(1)
+    got = rows._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert not called
+    assert got == reference._loglikelihood_tokens(requests, disable_tqdm=True)
