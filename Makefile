@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # CI runs the slow tests (real SmolLM2-135M downloads) too; locally `make test-all`
 PYTEST_MARKERS ?= $(if $(CI),,not slow)
 
-.PHONY: install lock llamacpp llamacpp-background postgres setup run compare test test-all lint clean
+.PHONY: install lock llamacpp postgres setup run compare test test-all lint clean
 
 # pip's own find-links and index (where this machine's pip.conf or PIP_* set
 # them: e.g. the folder holding the CPU build of torch) passed on to uv
@@ -40,23 +40,17 @@ lock:
 # llama.cpp's tools, built once per machine from the pinned source (cached under
 # ~/.cache/saap/llama.cpp; 3.8-5.5 min with Ninja on 2 cores here). The
 # module needs only the standard library, so it runs before .venv exists and
-# `test` overlaps it with the install (mostly downloads).
+# `run`/`test` overlap it with the install (mostly downloads). Not with the
+# stages: a build beside a PyTorch stage slows the stage about 4x, even niced
+# or at SCHED_IDLE, and does half its own work (docs/bench_build_contention.md).
 llamacpp:
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp
 
-# `run` does not wait for the build: it starts it detached and niced (its log
-# under ~/.cache/saap/llama.cpp), installs, and runs the pipeline, whose
-# stages that need llama.cpp (export, bench) come last and wait for the build
-llamacpp-background:
-	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m saap.runtime.llamacpp --background
-
 setup:
 	$(MAKE) -j2 $(STAMP) llamacpp
 
-run: llamacpp-background
-	$(MAKE) $(STAMP)
+run: setup
 	$(BIN)/saap run
 
 # the side-by-side comparison (docs/results.md); about an hour on 2 cores

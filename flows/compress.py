@@ -60,36 +60,19 @@ def _variants_with_gated(params_file: Path, section: str, reader: str) -> list[s
     return variants
 
 
-# a stage whose code depends on this package runs llama.cpp's tools (the DVC
-# deps cover the code each stage imports: tests/contracts/test_stage_deps.py)
-RUNTIME_DEP = "saap/runtime"
-
-
 def pipeline_stages(project: Path) -> list[str]:
     """Stage names of the project's ``dvc.yaml`` in dependency order (the
-    comparison pipeline in ``compare/dvc.yaml`` is not part of it): of the
-    orders the dependencies allow, the one that runs the stages needing
-    llama.cpp (export, bench) last, so a build that ``make run`` started in the
-    background has every earlier stage's time to finish; otherwise the order
-    of ``dvc.yaml``."""
+    comparison pipeline in ``compare/dvc.yaml`` is not part of it)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with contextlib.chdir(project), Repo(str(project)) as repo:
         graph = repo.index.graph
-        ours = {s for s in graph if ":" not in s.addressing}  # not other dvc.yaml
-        position = {stage: index for index, stage in enumerate(repo.index.stages)}
-
-        def key(stage):
-            runtime = any(
-                Path(dep.def_path).as_posix().rstrip("/") == RUNTIME_DEP
-                for dep in stage.deps
-            )
-            return (runtime, position.get(stage, len(position)))
-
-        # DVC's graph points from a stage to the stages it depends on
-        order = nx.lexicographical_topological_sort(graph.reverse(), key=key)
-        return [stage.addressing for stage in order if stage in ours]
+        return [
+            stage.addressing
+            for stage in reversed(list(nx.topological_sort(graph)))
+            if ":" not in stage.addressing  # other dvc.yaml files: "path:stage"
+        ]
 
 
 # a stage that runs longer is killed (the nightly profile's evaluate of one

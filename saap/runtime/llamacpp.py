@@ -25,7 +25,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -531,70 +530,11 @@ def interleaved_bench(
     return out
 
 
-# CPU niceness of a build started in the background: the pipeline's stages,
-# which run meanwhile, keep most of both cores; the build takes what they leave
-# (start-up, loading, I/O) and about a tenth of the rest
-BACKGROUND_NICENESS = 10
-
-
-def start_background(cache_dir: Path | None = None) -> Path | None:
-    """Start this machine's build in a detached, niced process and return its
-    log, or ``None`` when the tools are already built. The toolchain is
-    checked first, so a missing cmake or compiler is said at once rather than
-    by the first stage that needs the tools; that stage (export, bench) waits
-    for the build through the build lock and, if it failed, builds again and
-    reports the error. ``make run`` starts it before the install, so the
-    build overlaps the install and the stages before export."""
-    cache = cache_dir or default_cache_dir()
-    root, key, _, _ = _root(cache)
-    if _built(root, cache) is not None:
-        return None
-    check_toolchain()
-    log_path = cache / "llama.cpp" / f"build-{key}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    # the child imports this package from where this process found it
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_root, env.get("PYTHONPATH")) if p
-    )
-    command = [sys.executable, "-m", "saap.runtime.llamacpp"]
-    if cache_dir is not None:
-        command += ["--cache-dir", str(cache_dir)]
-    with log_path.open("w") as handle:
-        subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # a Ctrl-C of make leaves the cached build whole
-            preexec_fn=lambda: os.nice(BACKGROUND_NICENESS),
-        )
-    return log_path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m saap.runtime.llamacpp``: build (once) and print the build
-    record; ``--background``: start the build in a detached process and return."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--background", action="store_true")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
+def main() -> None:
+    """``python -m saap.runtime.llamacpp``: build (once) and print the build record."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.background:
-            log_path = start_background(args.cache_dir)
-            print(
-                "llama.cpp: built"
-                if log_path is None
-                else f"llama.cpp: building in the background (log: {log_path}); "
-                "the first stage that needs it waits for it"
-            )
-            return
-        tools = ensure_llamacpp(args.cache_dir)
+        tools = ensure_llamacpp()
     except (LlamaCppError, SourceError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps({"root": str(tools.root)} | tools.info, indent=2))

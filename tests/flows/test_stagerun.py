@@ -69,38 +69,3 @@ def test_a_readable_lock_table_is_left_alone(dvc_project):
     with contextlib.suppress(FileNotFoundError):
         (dvc_project / ".dvc" / "tmp" / "rwlock").unlink()
     assert repair_rwlock(dvc_project) is False
-
-
-def test_stages_that_need_llama_cpp_run_last_that_the_dependencies_allow(tmp_path):
-    """Of the orders DVC's dependencies allow, the flow runs the stages whose
-    code includes saap/runtime (llama.cpp) last: a build `make run` started in
-    the background has every other stage's time; dvc.yaml's order otherwise."""
-    from flows.compress import pipeline_stages
-
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"],
-        cwd=tmp_path,
-        check=True,
-    )
-    (tmp_path / "saap" / "runtime").mkdir(parents=True)
-    (tmp_path / "saap" / "runtime" / "tool.py").write_text("")
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n"
-        "  first:\n    cmd: echo 1 > a.txt\n    outs: [a.txt]\n"
-        "  export:\n    cmd: cp a.txt e.txt\n    deps: [a.txt, saap/runtime]\n"
-        "    outs: [e.txt]\n"
-        "  bench:\n    cmd: cp e.txt b.txt\n    deps: [e.txt, saap/runtime/]\n"
-        "    outs: [b.txt]\n"
-        "  evaluate:\n    cmd: cp a.txt v.txt\n    deps: [a.txt]\n    outs: [v.txt]\n"
-        "  report:\n    cmd: cat v.txt b.txt > r.txt\n    deps: [v.txt, b.txt]\n"
-        "    outs: [r.txt]\n"
-        "  other:\n    cmd: echo 2 > o.txt\n    outs: [o.txt]\n"
-    )
-    assert pipeline_stages(tmp_path) == [
-        "first",
-        "evaluate",
-        "other",
-        "export",
-        "bench",
-        "report",  # after bench, which it reads
-    ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -384,55 +383,3 @@ def test_the_build_is_configured_with_the_project_include(monkeypatch, tmp_path)
         assert f"TARGET {target} APPEND PROPERTY COMPILE_OPTIONS -O0" in seen["include"]
     assert tools.info["unoptimised"] == list(runtime.UNOPTIMISED_TARGETS)
     assert sorted(p.name for p in root.iterdir()) == ["bin", "build.json"]
-
-
-def test_a_background_build_starts_detached_and_niced_once(monkeypatch, tmp_path):
-    """`make run`'s start of the build: nothing when the tools are built; else a
-    detached (own session), niced child that builds into the same cache and
-    logs beside it; a missing toolchain is said at once."""
-    from saap.runtime import llamacpp as runtime
-
-    spawned = []
-    real_popen = subprocess.Popen
-
-    def fake_popen(command, **kwargs):
-        spawned.append((command, kwargs))
-        return SimpleNamespace(pid=1)
-
-    monkeypatch.setattr(runtime.subprocess, "Popen", fake_popen)
-    monkeypatch.setattr(runtime, "check_toolchain", lambda: None)
-    monkeypatch.setattr(runtime, "_compiler", lambda: "c++ 12")
-    log_path = runtime.start_background(tmp_path)
-    ((command, kwargs),) = spawned
-    assert command[1:] == ["-m", "saap.runtime.llamacpp", "--cache-dir", str(tmp_path)]
-    assert kwargs["start_new_session"] is True
-    assert log_path.parent == tmp_path / "llama.cpp" and log_path.is_file()
-    # the child's niceness, applied in a real child process
-    monkeypatch.setattr(runtime.subprocess, "Popen", real_popen)
-    niceness = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.nice(0))"],
-        preexec_fn=kwargs["preexec_fn"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert int(niceness.stdout) >= runtime.BACKGROUND_NICENESS
-    monkeypatch.setattr(runtime.subprocess, "Popen", fake_popen)
-
-    # built: nothing starts
-    root, *_ = runtime._root(tmp_path)
-    (root / "bin").mkdir(parents=True)
-    for tool in runtime.TOOLS:
-        (root / "bin" / tool).write_text("")
-    (root / "build.json").write_text("{}")
-    monkeypatch.setattr(runtime, "unpack_source", lambda cache: tmp_path / "src")
-    assert runtime.start_background(tmp_path) is None
-    assert len(spawned) == 1
-
-    def no_cmake():
-        raise LlamaCppError("cmake is missing: apt-get install cmake g++")
-
-    monkeypatch.setattr(runtime, "check_toolchain", no_cmake)
-    with pytest.raises(LlamaCppError, match="cmake"):
-        runtime.start_background(tmp_path / "elsewhere")
-    assert len(spawned) == 1
