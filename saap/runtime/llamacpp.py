@@ -220,6 +220,28 @@ def build_key(options: dict[str, str], compiler: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _extract(tf: tarfile.TarFile, members: list[tarfile.TarInfo], out: Path) -> None:
+    """Extract ``members`` under ``out`` with tarfile's "data" filter (no paths
+    outside ``out``, no device files, no setuid bits); on a Python without the
+    extraction filters (3.11 before 3.11.4, e.g. Debian 12's 3.11.2) the same
+    rules are checked here, and links are refused (the vendored tree has none)."""
+    if hasattr(tarfile, "data_filter"):
+        tf.extractall(out, members=members, filter="data")
+        return
+    root = out.resolve()
+    for member in members:
+        path = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()):
+            raise SourceError(
+                f"{member.name} in the llama.cpp source is a link or special file; "
+                "extracting it needs Python 3.11.4 or later"
+            )
+        if path != root and root not in path.parents:
+            raise SourceError(f"{member.name} would be extracted outside {root}")
+        member.mode &= 0o755
+    tf.extractall(out, members=members)
+
+
 def unpack_source(cache: Path) -> Path:
     """The vendored llama.cpp tree, unpacked once from the verified sdist."""
     archive = fetch_package(SDIST, cache)  # sha256 checked before anything else
@@ -239,7 +261,7 @@ def unpack_source(cache: Path) -> Path:
                 members.append(member)
             if not members:
                 raise SourceError(f"{archive} holds no {VENDORED}; is the pin right?")
-            tf.extractall(tmp, members=members, filter="data")
+            _extract(tf, members, tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)

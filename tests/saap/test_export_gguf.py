@@ -383,3 +383,43 @@ def test_the_build_is_configured_with_the_project_include(monkeypatch, tmp_path)
         assert f"TARGET {target} APPEND PROPERTY COMPILE_OPTIONS -O0" in seen["include"]
     assert tools.info["unoptimised"] == list(runtime.UNOPTIMISED_TARGETS)
     assert sorted(p.name for p in root.iterdir()) == ["bin", "build.json"]
+
+
+@pytest.mark.parametrize("filters", [True, False])
+def test_the_source_extraction_keeps_to_its_folder(tmp_path, monkeypatch, filters):
+    """Unpacking the vendored source: plain files land under the folder without
+    setuid bits; a path out of it or a link is refused, with tarfile's "data"
+    filter and, on a Python without it (Debian 12's 3.11.2), without."""
+    import io
+    import tarfile
+
+    from saap.errors import SourceError
+    from saap.runtime.llamacpp import _extract
+
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def archive(name, link=False):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            info = tarfile.TarInfo(name)
+            if link:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tf.addfile(info)
+            else:
+                info.size, info.mode = 1, 0o4755
+                tf.addfile(info, io.BytesIO(b"x"))
+        buf.seek(0)
+        return tarfile.open(fileobj=buf)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tf = archive("src/a.c")
+    _extract(tf, tf.getmembers(), out)
+    assert (out / "src" / "a.c").read_bytes() == b"x"
+    assert not (out / "src" / "a.c").stat().st_mode & 0o4000
+    for name, link in (("../evil.c", False), ("src/link", True)):
+        tf = archive(name, link)
+        with pytest.raises((SourceError, tarfile.TarError)):
+            _extract(tf, tf.getmembers(), out)
+    assert not (tmp_path / "evil.c").exists() and not (out / "src" / "link").exists()
