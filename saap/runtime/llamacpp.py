@@ -299,19 +299,14 @@ def _built(root: Path, cache: Path) -> LlamaCpp | None:
     return None
 
 
-def _root(cache: Path) -> tuple[Path, str, dict[str, str], str]:
-    """(build folder, key, cmake options, compiler) of this machine's build."""
-    options = BASE_OPTIONS | isa_options(cpu_flags())
-    compiler = _compiler()
-    key = build_key(options, compiler)
-    return cache / "llama.cpp" / f"build-{key}", key, options, compiler
-
-
 def ensure_llamacpp(cache_dir: Path | None = None, jobs: int | None = None) -> LlamaCpp:
     """Build llama.cpp's tools once per machine (cached by source, flags and
     compiler) and return their paths; waits while another process builds them."""
     cache = cache_dir or default_cache_dir()
-    root, key, options, compiler = _root(cache)
+    options = BASE_OPTIONS | isa_options(cpu_flags())
+    compiler = _compiler()
+    key = build_key(options, compiler)
+    root = cache / "llama.cpp" / f"build-{key}"
     built = _built(root, cache)
     if built is not None:
         return built
