@@ -253,9 +253,9 @@ def benchmark_against(model, checkpoint: Path, dense, params) -> dict:
 def gguf_tensor_bytes(path: Path) -> int:
     """Bytes of tensor data in a GGUF file: what decoding a token reads, since
     every matrix is read once per token (the tied embedding is the LM head)."""
-    from gguf import GGUFReader
+    from saap.runtime.gguf_info import read_gguf
 
-    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
+    return read_gguf(path).tensor_bytes
 
 
 def llamacpp_benchmark(

@@ -335,10 +335,9 @@ def write_gguf(
 
 def tensor_types(path: Path) -> dict[str, str]:
     """{tensor name: ggml type name} of a GGUF file."""
-    from gguf import GGUFReader
+    from saap.runtime.gguf_info import read_gguf
 
-    reader = GGUFReader(str(path))
-    return {t.name: t.tensor_type.name for t in reader.tensors}
+    return {t.name: t.type_name for t in read_gguf(path).tensors}
 
 
 _FALLBACK = re.compile(
@@ -367,10 +366,10 @@ def summarize_types(types: dict[str, str]) -> dict[str, int]:
 
 def read_metadata(path: Path) -> dict:
     """A few GGUF header values (architecture, per-layer arrays) for checks."""
-    from gguf import GGUFReader
+    from saap.runtime.gguf_info import read_gguf
 
-    reader = GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
+    fields = read_gguf(path).fields
+    arch = fields["general.architecture"]
     out = {"architecture": arch}
     for key in (
         "block_count",
@@ -378,9 +377,9 @@ def read_metadata(path: Path) -> dict:
         "attention.head_count",
         "attention.head_count_kv",
     ):
-        field = reader.fields.get(f"{arch}.{key}")
-        if field is not None:
-            out[key] = field.contents()
+        value = fields.get(f"{arch}.{key}")
+        if value is not None:
+            out[key] = value
     return json.loads(json.dumps(out, default=int))
 
 
