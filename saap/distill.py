@@ -259,15 +259,19 @@ def distillation_loss(
     temperature: float,
     alpha: float,
     autocast=contextlib.nullcontext,
+    teacher_hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, KL) of the ``kd`` recovery's step on token windows ``ids``: both
     models' final hidden states (the teacher's without gradients, the
     student's under ``autocast()``), then :func:`chunked_kd_loss` on their
-    output projections, so the ``(B, T, V)`` logits never exist whole."""
+    output projections, so the ``(B, T, V)`` logits never exist whole.
+    ``teacher_hidden`` (:func:`teacher_final_hidden` of the same ``ids``)
+    replaces the teacher's pass."""
     decoder, head = decoder_and_head(student, required=True)
-    t_decoder, t_head = decoder_and_head(teacher, required=True)
-    with torch.no_grad():
-        t_hidden = t_decoder(input_ids=ids).last_hidden_state[:, :-1]
+    t_head = decoder_and_head(teacher, required=True)[1]
+    t_hidden = (
+        teacher_final_hidden(teacher, ids) if teacher_hidden is None else teacher_hidden
+    )
     with autocast():
         hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
         return chunked_kd_loss(
@@ -279,6 +283,14 @@ def distillation_loss(
             temperature,
             alpha,
         )
+
+
+def teacher_final_hidden(teacher, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden states ``(B, T - 1, H)`` at the positions
+    that predict a next token, without gradients."""
+    t_decoder = decoder_and_head(teacher, required=True)[0]
+    with torch.no_grad():
+        return t_decoder(input_ids=ids).last_hidden_state[:, :-1]
 
 
 def _with_lm_loss(kl, student_logits, labels, alpha: float):
@@ -488,7 +500,34 @@ def distill_trainer_class():
             )
             return (loss, {"kl": kl}) if return_outputs else loss
 
-        prediction_step = _objective_on_held_out
+        def prediction_step(
+            self, model, inputs, prediction_loss_only, ignore_keys=None
+        ):
+            """The training objective on held-out windows; the teacher's
+            hidden states of each validation batch are computed at the first
+            evaluation and kept (the frozen teacher gives the same ones every
+            time), so later evaluations run the student alone."""
+            ids = inputs["input_ids"]
+            if "teacher_logp" in inputs:
+                return _objective_on_held_out(self, model, inputs, True)
+            cache = self.__dict__.setdefault("_held_out_teacher", {})
+            key = (
+                tuple(ids.shape),
+                hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest(),
+            )
+            if key not in cache:
+                cache[key] = teacher_final_hidden(self.teacher, ids)
+            with torch.no_grad():
+                loss, _ = distillation_loss(
+                    model,
+                    self.teacher,
+                    ids,
+                    self.temperature,
+                    self.alpha,
+                    self.accelerator.autocast,
+                    teacher_hidden=cache[key],
+                )
+            return loss.detach(), None, None
 
     return DistillTrainer
 

@@ -201,6 +201,52 @@ def test_the_trainer_loss_is_the_full_logit_kl_of_the_models(student_and_teacher
     assert loss.requires_grad
 
 
+def test_validation_keeps_the_teacher_states_of_each_held_out_batch(
+    student_and_teacher,
+):
+    from saap.distill import distill_trainer_class
+
+    pruned_dir, teacher, _ = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    trainer = object.__new__(distill_trainer_class())  # no Trainer set-up needed
+    trainer.teacher, trainer.temperature, trainer.alpha = teacher, 2.0, 0.5
+
+    class NoAutocast:
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    trainer.accelerator = NoAutocast()
+    counter = CountingForward(teacher.model)  # the teacher's decoder
+    a = torch.randint(0, student.config.vocab_size, (2, 16))
+    b = torch.randint(0, student.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected_a = trainer.compute_loss(student, {"input_ids": a})
+        expected_b = trainer.compute_loss(student, {"input_ids": b})
+    assert counter.calls == 2
+    first = [
+        trainer.prediction_step(student, {"input_ids": ids}, True)[0] for ids in (a, b)
+    ]
+    again = [
+        trainer.prediction_step(student, {"input_ids": ids}, True)[0] for ids in (a, b)
+    ]
+    assert counter.calls == 4  # one teacher pass per batch, at the first evaluation
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.equal(first[0], expected_a) and torch.equal(first[1], expected_b)
+    assert not first[0].requires_grad
+    # the student changes between evaluations; the kept teacher states do not
+    with torch.no_grad():
+        student.model.norm.weight.mul_(1.5)
+    moved = trainer.prediction_step(student, {"input_ids": a}, True)[0]
+    with torch.no_grad():
+        assert torch.equal(moved, trainer.compute_loss(student, {"input_ids": a}))
+    assert not torch.equal(moved, first[0])
+    # the same tokens in another shape are another batch
+    trainer.prediction_step(student, {"input_ids": a.reshape(4, 8)}, True)
+    assert counter.calls == 6
+
+
 class CountingForward:
     """Counts a model's forward passes (a forward pre-hook)."""
 
