@@ -422,6 +422,12 @@ class BenchParams(Section):
         description="Timed repeats (interleaved with dense for a speedup); medians "
         "reported, the speedup interval bootstraps the repeat pairs.",
     )
+    eager_repeats: int | None = Field(
+        None,
+        ge=2,
+        description="Timed repeats of the PyTorch eager runtime (a reference: no "
+        "gate reads it); null: as many as repeats. The llama.cpp runs keep repeats.",
+    )
     warmup: int = Field(1, ge=0, description="Untimed warm-up runs.")
     threads: int = Field(2, gt=0, description="torch threads (recorded).")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(

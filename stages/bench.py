@@ -6,7 +6,9 @@
   the same type runs interleaved with the candidate and each speedup gets its
   interval beside the ideal one. The ``decode_speedup`` gate reads these.
 - PyTorch eager (the second runtime, kept for reference): with ``--dense`` (the
-  dense checkpoint) timed interleaved in this process (``speedup_vs_dense``).
+  dense checkpoint) timed interleaved in this process (``speedup_vs_dense``),
+  ``bench.eager_repeats`` rounds (no gate reads it; the llama.cpp runs keep
+  ``bench.repeats``).
 
 Usage: ``python -m stages.bench --variant pruned --model models/pruned
 --out metrics/bench/pruned.json [--dense models/base] [--gguf models/gguf/pruned
@@ -68,11 +70,14 @@ def run(
     dtype = torch_dtype(params.dtype)
     model, _ = load_model(model_dir, dtype=dtype)
     metrics = {"schema": SCHEMA, "variant": variant, "checkpoint": str(model_dir)}
+    eager = params.model_copy(
+        update={"repeats": params.eager_repeats or params.repeats}
+    )
     if dense_dir is None:
-        metrics |= benchmark_with(model, model_dir, params)
+        metrics |= benchmark_with(model, model_dir, eager)
     else:
         dense, _ = load_model(dense_dir, dtype=dtype)
-        metrics |= benchmark_against(model, model_dir, dense, params)
+        metrics |= benchmark_against(model, model_dir, dense, eager)
     metrics["runtime"] = "pytorch-eager"
     # peak resident memory of this process: load + benchmark
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -148,6 +148,44 @@ def test_bench_stage_reports_interleaved_speedups(tiny_model_dir, tmp_path):
         assert len(ratios["timings"]["dense"][kind]) == 4
 
 
+def test_bench_eager_repeats_leave_the_llamacpp_repeats(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import saap.runtime.llamacpp as llamacpp
+
+    seen = {}
+
+    def llamacpp_benchmark(tools, gguf, params, dense_gguf):
+        seen["repeats"] = params.repeats
+        return {"runtime": "llama.cpp", "repeats": params.repeats, "types": {}}
+
+    monkeypatch.setattr(llamacpp, "ensure_llamacpp", lambda: None)
+    monkeypatch.setattr(bench, "llamacpp_benchmark", llamacpp_benchmark)
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "export.json").write_text(json.dumps({"gguf": {"files": {}}}))
+    params = BenchParams(
+        prompt_len=8, decode_tokens=4, repeats=5, eager_repeats=2, warmup=0, threads=1
+    )
+    out = bench.run(
+        params, "c", tiny_model_dir, tmp_path / "c.json", tiny_model_dir, folder, folder
+    )
+    assert out["repeats"] == 2 and out["speedup_vs_dense"]["decode"]["n"] == 2
+    assert len(out["speedup_vs_dense"]["timings"]["dense"]["decode"]) == 2
+    assert seen["repeats"] == 5 and out["llamacpp"]["repeats"] == 5
+    # unset: the eager runtime takes bench.repeats too
+    out = bench.run(
+        params.model_copy(update={"eager_repeats": None}),
+        "c",
+        tiny_model_dir,
+        tmp_path / "c.json",
+        tiny_model_dir,
+    )
+    assert out["repeats"] == 5 and out["speedup_vs_dense"]["decode"]["n"] == 5
+    with pytest.raises(ValueError, match="eager_repeats"):
+        BenchParams(eager_repeats=1)
+
+
 def tiny_gguf(path, values: int) -> None:
     import numpy as np
     from gguf import GGUFWriter
