@@ -148,3 +148,37 @@ def test_evaluate_stage_runs_the_variants_of_params_yaml():
     assert body["foreach"] == "${evaluate.variants}"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["gates"]["variant"] in params["evaluate"]["variants"]
+
+
+def test_bytecode_caches_do_not_make_stages_stale(tmp_path):
+    """In a real DVC repository with this project's .dvcignore: a stage whose
+    dep is a code folder stays up to date when an import writes a bytecode cache
+    into that folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    dvc = [sys.executable, "-m", "dvc"]
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "mod.py").write_text("VALUE = 1\n")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            args, cwd=repo, capture_output=True, text=True, check=True
+        )
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    run(*dvc, "stage", "add", "-q", "-n", "s", "-d", "pkg", "-o", "out.txt",
+        "cp pkg/mod.py out.txt")  # fmt: skip
+    run(*dvc, "repro", "-q")
+    (repo / "pkg" / "__pycache__").mkdir()
+    (repo / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    (repo / "pkg" / "stray.pyc").write_bytes(b"\x00" * 16)
+    assert "up to date" in run(*dvc, "status")
+    # a source change still makes the stage stale
+    (repo / "pkg" / "mod.py").write_text("VALUE = 2\n")
+    assert "modified:" in run(*dvc, "status") and "pkg" in run(*dvc, "status")
