@@ -2,7 +2,7 @@
 
 ``gguf.GGUFReader`` builds a numpy view for every part of every metadata value:
 for SmolLM2's tokenizer (49,152 tokens and 48,900 merges, each a string) that is
-about a million memmap views, 4.2-6 s per file on these 2-core machines, and the
+about a million memmap views, about 4 s per file on these 2-core machines, and the
 export and bench stages read each GGUF file one to three times (about a minute
 of a cold ``make run``). This reader walks the same layout with ``struct`` and
 numpy's ``frombuffer`` for numeric arrays: the values and the tensor table equal
@@ -18,12 +18,15 @@ offset. A string is a uint64 byte length and UTF-8 bytes.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from saap.errors import DataError
 
 MAGIC = b"GGUF"
 
@@ -44,8 +47,9 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
-class GGUFFormatError(ValueError):
-    """The file is not a GGUF file this reader understands."""
+class GGUFFormatError(DataError):
+    """The file is not a GGUF file this reader understands (a stage reports it
+    as a data error, without a traceback)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,10 @@ class _Cursor:
         length = self.take("Q")
         raw = bytes(self.data[self.pos : self.pos + length])
         if len(raw) != length:
-            raise GGUFFormatError(f"{self.path}: header ends inside a string")
+            raise GGUFFormatError(
+                f"{self.path}: header ends inside a string; the file is truncated "
+                "(export it again)"
+            )
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
@@ -109,7 +116,10 @@ class _Cursor:
             dtype = np.dtype(_SCALARS[item][1]).newbyteorder("<")
             end = self.pos + count * dtype.itemsize
             if end > len(self.data):
-                raise GGUFFormatError(f"{self.path}: header ends inside an array")
+                raise GGUFFormatError(
+                    f"{self.path}: header ends inside an array; the file is "
+                    "truncated (export it again)"
+                )
             values = np.frombuffer(self.data[self.pos : end], dtype=dtype).tolist()
             self.pos = end
             return values
@@ -125,8 +135,6 @@ def read_gguf(path: str | Path) -> GGUFInfo:
 
     path = Path(path)
     with path.open("rb") as handle:
-        import mmap
-
         try:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file cannot be mapped
