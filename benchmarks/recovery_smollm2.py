@@ -157,10 +157,15 @@ def main() -> None:
 
     teacher_cache = args.teacher_cache or Path(tempfile.mkdtemp(prefix="teacher-"))
     dense_metrics, dense_docs = evaluate(base, "dense")
+    # per-window PTB NLL too: the PTB / dense column pairs the same windows
+    dense_record = {
+        "perplexity": dense_metrics["perplexity"],
+        "ptb_nll": dense_docs["perplexity"]["ptb"],
+    }
     context_path.write_text(
         json.dumps(
             {
-                "dense": {"perplexity": dense_metrics["perplexity"]},
+                "dense": dense_record,
                 "lora_tokens_per_example": lora_tokens_per_example,
             }
         )
@@ -247,7 +252,7 @@ def main() -> None:
             results.append(row)
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps(row), flush=True)
-    write_report(args, results, dense_metrics, lora_tokens_per_example)
+    write_report(args, results, dense_record, lora_tokens_per_example)
 
 
 def paired_ratio_of(docs: dict, dense_docs: dict, metrics: dict) -> dict:
@@ -290,14 +295,16 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         f"Dense: PTB {dense_metrics['perplexity']['ptb']:.1f}, Wiki "
         f"{dense_metrics['perplexity']['wiki']:.1f}.",
         "",
-        "PTB vs kd: the paired ratio of PTB perplexity to plain `kd` at the same "
-        "pruning, ratio and budget, on the same windows (95% bootstrap interval; "
-        "'-' where either row predates per-window records).",
+        "PTB / dense and PTB vs kd: the paired ratio of PTB perplexity to the "
+        "dense model and to plain `kd` at the same pruning, ratio and budget, on "
+        "the same windows (95% bootstrap interval; '-' where a row, or the dense "
+        "record, predates per-window records).",
         "",
-        "| pruning | ratio | recovery | budget | tokens | PTB | PTB vs kd | Wiki "
-        "| KL to dense | top-1 | tokens/s | train s | wall s |",
-        "|---|---|---|---:|---:|---:|---|---:|---|---|---:|---:|---:|",
+        "| pruning | ratio | recovery | budget | tokens | PTB | PTB / dense "
+        "| PTB vs kd | Wiki | KL to dense | top-1 | tokens/s | train s | wall s |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---:|",
     ]
+    dense_nll = dense_metrics.get("ptb_nll")
     reference = {
         (r.get("pruning", "saap"), r["ratio"], r["budget"]): r
         for r in results
@@ -313,10 +320,19 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
                     np.asarray(r["ptb_nll"]), np.asarray(ref["ptb_nll"])
                 ).as_dict()
             )
+        to_dense = "-"
+        if dense_nll is not None and "ptb_nll" in r:
+            to_dense = interval(
+                perplexity_ratio(
+                    np.asarray(r["ptb_nll"]), np.asarray(dense_nll)
+                ).as_dict(),
+                2,
+            )
         lines.append(
             f"| {r.get('pruning', 'saap')} | {r['ratio']:.0%} | {r['method']} "
             f"| {r['budget']:,} | {r['tokens']:,} "
-            f"| {r['ppl']['ptb']:.1f} | {versus} | {r['ppl']['wiki']:.1f} "
+            f"| {r['ppl']['ptb']:.1f} | {to_dense} | {versus} "
+            f"| {r['ppl']['wiki']:.1f} "
             f"| {interval(r['kl'])} | {interval(r['top1'])} | "
             f"{speed} | "
             f"{r['train_s']:.0f} | {r.get('wall_s', 0):.0f} |"
