@@ -474,6 +474,8 @@ def distill_trainer_class():
             self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
             self.temperature = temperature
             self.alpha = alpha
+            # validation batch (shape, token digest) -> teacher hidden states
+            self.held_out_teacher: dict = {}
 
         def compute_loss(
             self, model, inputs, return_outputs=False, num_items_in_batch=None
@@ -497,6 +499,7 @@ def distill_trainer_class():
                 self.temperature,
                 self.alpha,
                 self.accelerator.autocast,
+                teacher_hidden=inputs.get("teacher_hidden"),
             )
             return (loss, {"kl": kl}) if return_outputs else loss
 
@@ -508,26 +511,15 @@ def distill_trainer_class():
             evaluation and kept (the frozen teacher gives the same ones every
             time), so later evaluations run the student alone."""
             ids = inputs["input_ids"]
-            if "teacher_logp" in inputs:
-                return _objective_on_held_out(self, model, inputs, True)
-            cache = self.__dict__.setdefault("_held_out_teacher", {})
-            key = (
-                tuple(ids.shape),
-                hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest(),
-            )
-            if key not in cache:
-                cache[key] = teacher_final_hidden(self.teacher, ids)
-            with torch.no_grad():
-                loss, _ = distillation_loss(
-                    model,
-                    self.teacher,
-                    ids,
-                    self.temperature,
-                    self.alpha,
-                    self.accelerator.autocast,
-                    teacher_hidden=cache[key],
+            if "teacher_logp" not in inputs:
+                key = (
+                    tuple(ids.shape),
+                    hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).digest(),
                 )
-            return loss.detach(), None, None
+                if key not in self.held_out_teacher:
+                    self.held_out_teacher[key] = teacher_final_hidden(self.teacher, ids)
+                inputs = {**inputs, "teacher_hidden": self.held_out_teacher[key]}
+            return _objective_on_held_out(self, model, inputs, prediction_loss_only)
 
     return DistillTrainer
 

@@ -210,6 +210,7 @@ def test_validation_keeps_the_teacher_states_of_each_held_out_batch(
     student, _ = load_model(pruned_dir)
     trainer = object.__new__(distill_trainer_class())  # no Trainer set-up needed
     trainer.teacher, trainer.temperature, trainer.alpha = teacher, 2.0, 0.5
+    trainer.held_out_teacher = {}
 
     class NoAutocast:
         def autocast(self):
