@@ -38,7 +38,7 @@ lock:
 	$(PYTHON) infra/lock.py --resolve
 
 # llama.cpp's tools, built once per machine from the pinned source (cached under
-# ~/.cache/saap/llama.cpp; 3.8-5.5 min with Ninja on 2 cores here). The
+# ~/.cache/saap/llama.cpp; 170 s alone with Ninja on 2 cores here). The
 # module needs only the standard library, so it runs before .venv exists and
 # `run`/`test` overlap it with the install (mostly downloads). Not with the
 # stages: a build beside a PyTorch stage slows the stage about 4x, even niced

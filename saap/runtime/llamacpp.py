@@ -185,6 +185,38 @@ UNOPTIMISED_TARGETS = (
     "llama-bench-impl",
     "llama-completion-impl",
 )
+# libllama sources no pipeline tool runs on a LLaMA model: grammars and
+# samplers (llama-completion samples greedily, untimed), chat templates, LoRA and
+# control-vector adapters, the model saver, and the KV-cache / memory kinds of
+# other architectures (sliding-window, DSA, MSA, DeepSeek-V4, hybrid, recurrent).
+# About 46 CPU-s of libllama's 174 at -O3; llama-kv-cache.cpp, llama-graph.cpp,
+# llama-context.cpp, the model files and ggml (what llama_decode runs) stay -O3.
+UNOPTIMISED_SOURCES = {
+    "src": (
+        "llama-grammar.cpp",
+        "llama-sampler.cpp",
+        "llama-chat.cpp",
+        "llama-adapter.cpp",
+        "llama-model-saver.cpp",
+        "llama-kv-cache-iswa.cpp",
+        "llama-kv-cache-dsa.cpp",
+        "llama-kv-cache-dsa-iswa.cpp",
+        "llama-kv-cache-msa.cpp",
+        "llama-kv-cache-dsv4.cpp",
+        "llama-memory-hybrid.cpp",
+        "llama-memory-hybrid-iswa.cpp",
+        "llama-memory-hybrid-idx.cpp",
+        "llama-memory-recurrent.cpp",
+    ),
+}
+# Targets compiled as unity builds (their sources concatenated into a few
+# translation units): llama-common's 50 files each parse the same large headers
+# (nlohmann JSON, the chat and argument code), so at -O0 the parsing is most of
+# its time: 155 CPU-s -> 69 CPU-s. json.cpp specialises a template after the
+# other files have instantiated it, so it stays a file of its own.
+UNITY_TARGETS = ("llama-common",)
+UNITY_EXCLUDED = {"common": ("json.cpp",)}
+
 # included at each project() call of llama.cpp's CMake build
 # (CMAKE_PROJECT_INCLUDE); the call runs once the top directory is processed,
 # when every target exists, and its -O0 comes after the Release -O3
@@ -199,12 +231,55 @@ _DEFER_CALL = (
     "  cmake_language(DEFER CALL set_property TARGET {target} "
     "APPEND PROPERTY COMPILE_OPTIONS -O0)\n"
 )
+_DEFER_UNITY = (
+    "  cmake_language(DEFER CALL set_property TARGET {target} "
+    "PROPERTY UNITY_BUILD ON)\n"
+)
+# source properties belong to the directory that defines the target
+_DEFER_SOURCES = (
+    "  cmake_language(DEFER CALL set_source_files_properties {files} "
+    "DIRECTORY ${{CMAKE_SOURCE_DIR}}/{folder} PROPERTIES {properties})\n"
+)
 
 
-def project_include(targets: tuple[str, ...] = UNOPTIMISED_TARGETS) -> str:
-    """The CMake code that compiles ``targets`` at -O0."""
+def _source_calls(groups: dict[str, tuple[str, ...]], properties: str) -> str:
+    return "".join(
+        _DEFER_SOURCES.format(
+            files=" ".join(f"${{CMAKE_SOURCE_DIR}}/{folder}/{name}" for name in names),
+            folder=folder,
+            properties=properties,
+        )
+        for folder, names in groups.items()
+    )
+
+
+def project_include(
+    targets: tuple[str, ...] = UNOPTIMISED_TARGETS,
+    sources: dict[str, tuple[str, ...]] | None = None,
+    unity: tuple[str, ...] = UNITY_TARGETS,
+    unity_excluded: dict[str, tuple[str, ...]] | None = None,
+) -> str:
+    """The CMake code that compiles ``targets`` and ``sources`` (folder -> file
+    names, relative to the source tree) at -O0 and ``unity`` as unity builds,
+    less ``unity_excluded``."""
+    sources = UNOPTIMISED_SOURCES if sources is None else sources
+    unity_excluded = UNITY_EXCLUDED if unity_excluded is None else unity_excluded
     calls = "".join(_DEFER_CALL.format(target=t) for t in targets)
+    calls += _source_calls(sources, "COMPILE_OPTIONS -O0")
+    calls += "".join(_DEFER_UNITY.format(target=t) for t in unity)
+    calls += _source_calls(unity_excluded, "SKIP_UNITY_BUILD_INCLUSION ON")
     return _PROJECT_INCLUDE.format(calls=calls)
+
+
+def _build_shape() -> dict:
+    """What the build compiles differently from llama.cpp's Release defaults
+    (part of the cache key, recorded in build.json)."""
+    return {
+        "unoptimised": list(UNOPTIMISED_TARGETS),
+        "unoptimised_sources": {k: list(v) for k, v in UNOPTIMISED_SOURCES.items()},
+        "unity": list(UNITY_TARGETS),
+        "unity_excluded": {k: list(v) for k, v in UNITY_EXCLUDED.items()},
+    }
 
 
 def build_key(options: dict[str, str], compiler: str) -> str:
@@ -213,8 +288,8 @@ def build_key(options: dict[str, str], compiler: str) -> str:
             "sha256": source_sha256(),
             "options": options,
             "compiler": compiler,
-            "unoptimised": list(UNOPTIMISED_TARGETS),
-        },
+        }
+        | _build_shape(),
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -375,7 +450,7 @@ def _build(
         "source": f"{PACKAGES[SDIST].requirement} ({VENDORED})",
         "source_sha256": source_sha256(),
         "options": options,
-        "unoptimised": list(UNOPTIMISED_TARGETS),
+        **_build_shape(),
         "compiler": compiler,
         "cpu_flags": sorted(f for f in cpu_flags() if f in X86_FLAGS),
         "jobs": jobs,

@@ -305,10 +305,17 @@ def test_every_module_of_the_export_package_registers_its_exporter():
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-def test_the_project_include_compiles_only_the_named_target_unoptimised(tmp_path):
+def test_the_project_include_compiles_only_the_named_parts_unoptimised(tmp_path):
     """The CMake code the llama.cpp build is configured with: a target defined
-    in a subdirectory gets -O0 after the Release flags, the others keep them."""
-    from saap.runtime.llamacpp import UNOPTIMISED_TARGETS, project_include
+    in a subdirectory gets -O0 after the Release flags, so does a named source
+    of a target that stays optimised; a unity target's sources are concatenated
+    except the excluded one; everything else keeps its flags."""
+    from saap.runtime.llamacpp import (
+        UNITY_TARGETS,
+        UNOPTIMISED_SOURCES,
+        UNOPTIMISED_TARGETS,
+        project_include,
+    )
 
     # the libraries llama-bench times and the quantizer's conversions stay -O3
     assert {"llama-common", "cpp-httplib"} <= set(UNOPTIMISED_TARGETS)
@@ -319,25 +326,56 @@ def test_the_project_include_compiles_only_the_named_target_unoptimised(tmp_path
         "llama",
         "llama-perplexity-impl",
     } & set(UNOPTIMISED_TARGETS)
+    # what llama_decode runs on a LLaMA model is not among the -O0 sources
+    assert set(UNOPTIMISED_SOURCES) == {"src"}
+    assert not {
+        "llama.cpp",
+        "llama-context.cpp",
+        "llama-graph.cpp",
+        "llama-kv-cache.cpp",
+        "llama-model.cpp",
+        "llama-model-loader.cpp",
+        "llama-quant.cpp",
+        "llama-vocab.cpp",
+        "unicode.cpp",
+    } & set(UNOPTIMISED_SOURCES["src"])
+    assert UNITY_TARGETS == ("llama-common",)
     src = tmp_path / "src"
     (src / "common").mkdir(parents=True)
+    (src / "lib").mkdir()
     (src / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.19)\nproject(demo CXX)\n"
-        "add_subdirectory(common)\nadd_library(fast STATIC fast.cpp)\n"
+        "add_subdirectory(common)\nadd_subdirectory(lib)\n"
+        "add_library(fast STATIC fast.cpp)\n"
     )
     (src / "common" / "CMakeLists.txt").write_text(
         "project(inner CXX)\nadd_library(slow STATIC slow.cpp)\n"
+        "add_library(many STATIC a.cpp b.cpp c.cpp)\n"
+    )
+    (src / "lib" / "CMakeLists.txt").write_text(
+        "add_library(mixed STATIC hot.cpp cold.cpp)\n"
     )
     (src / "fast.cpp").write_text("int fast() { return 1; }\n")
     (src / "common" / "slow.cpp").write_text("int slow() { return 2; }\n")
+    for name in "abc":
+        (src / "common" / f"{name}.cpp").write_text(f"int {name}() {{ return 3; }}\n")
+    (src / "lib" / "hot.cpp").write_text("int hot() { return 4; }\n")
+    (src / "lib" / "cold.cpp").write_text("int cold() { return 5; }\n")
     include = tmp_path / "include.cmake"
-    include.write_text(project_include(("slow",)))
+    include.write_text(
+        project_include(
+            ("slow",),
+            sources={"lib": ("cold.cpp",)},
+            unity=("many",),
+            unity_excluded={"common": ("c.cpp",)},
+        )
+    )
     build = tmp_path / "build"
     subprocess.run(
         [
             "cmake",
             "-G",
-            "Unix Makefiles",
+            "Ninja" if shutil.which("ninja") else "Unix Makefiles",
             "-S",
             str(src),
             "-B",
@@ -348,11 +386,27 @@ def test_the_project_include_compiles_only_the_named_target_unoptimised(tmp_path
         check=True,
         capture_output=True,
     )
-    slow = (build / "common" / "CMakeFiles" / "slow.dir" / "flags.make").read_text()
-    fast = (build / "CMakeFiles" / "fast.dir" / "flags.make").read_text()
-    flags = next(line for line in slow.splitlines() if line.startswith("CXX_FLAGS"))
-    assert flags.index("-O3") < flags.index("-O0")  # the last -O wins
-    assert "-O0" not in fast and "-O3" in fast
+    commands = subprocess.run(
+        ["cmake", "--build", str(build), "--verbose"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+
+    def flags_of(source: str) -> str:
+        return next(c for c in commands if f"{source} " in c or c.endswith(source))
+
+    for optimised in ("fast.cpp", "hot.cpp"):
+        line = flags_of(optimised)
+        assert "-O3" in line and "-O0" not in line
+    for unoptimised in ("slow.cpp", "cold.cpp"):
+        line = flags_of(unoptimised)
+        assert line.index("-O3") < line.index("-O0")  # the last -O wins
+    unity = [c for c in commands if "unity_" in c and " -c " in c]
+    assert len(unity) == 1
+    text = next((build / "common").rglob("unity_0_cxx.cxx")).read_text()
+    assert "a.cpp" in text and "b.cpp" in text and "c.cpp" not in text
+    assert any("c.cpp" in c and " -c " in c for c in commands)
 
 
 def test_the_build_is_configured_with_the_project_include(monkeypatch, tmp_path):
@@ -381,7 +435,12 @@ def test_the_build_is_configured_with_the_project_include(monkeypatch, tmp_path)
     assert seen["include"] == runtime.project_include()
     for target in runtime.UNOPTIMISED_TARGETS:
         assert f"TARGET {target} APPEND PROPERTY COMPILE_OPTIONS -O0" in seen["include"]
+    assert "TARGET llama-common PROPERTY UNITY_BUILD ON" in seen["include"]
     assert tools.info["unoptimised"] == list(runtime.UNOPTIMISED_TARGETS)
+    assert tools.info["unoptimised_sources"]["src"] == list(
+        runtime.UNOPTIMISED_SOURCES["src"]
+    )
+    assert tools.info["unity"] == ["llama-common"]
     assert sorted(p.name for p in root.iterdir()) == ["bin", "build.json"]
 
 
