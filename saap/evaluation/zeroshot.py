@@ -134,6 +134,7 @@ def _evaluate_group(
 ) -> tuple[dict[str, dict], dict[str, dict[str, list]]]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,6 +148,9 @@ def _evaluate_group(
         output = simple_evaluate(
             model=lm,
             tasks=list(loaded.values()),
+            # the tasks are built already; without a manager of its own,
+            # simple_evaluate indexes lm-eval's ~14,000 task YAML files (9 s)
+            task_manager=TaskManager(include_path=tmp, include_defaults=False),
             limit=limit,
             num_fewshot=0,
             log_samples=True,

@@ -160,3 +160,33 @@ def test_continuation_rows_fall_back_where_logits_are_more_than_a_projection(
     got = rows._loglikelihood_tokens(requests, disable_tqdm=True)
     assert not called
     assert got == reference._loglikelihood_tokens(requests, disable_tqdm=True)
+
+
+def test_zero_shot_indexes_only_its_own_tasks(tiny_model_dir, eval_dir, monkeypatch):
+    """evaluate_zero_shot hands simple_evaluate a manager of its local tasks:
+    lm-eval's ~14,000 bundled task files (9 s of YAML parsing here) are never
+    indexed; acc and acc_norm still come per document."""
+    from lm_eval.tasks._index import TaskIndex
+
+    from saap.evaluation.zeroshot import evaluate_zero_shot, lm_eval_tasks_dir
+    from saap.model import load_model
+
+    scanned = []
+    build = TaskIndex.build
+
+    def recording_build(paths, **kwargs):
+        paths = list(paths)
+        scanned.extend(Path(p).resolve() for p in paths)
+        return build(paths, **kwargs)
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(recording_build))
+    model, tokenizer = load_model(tiny_model_dir, dtype=torch.float32)
+    scores, documents = evaluate_zero_shot(
+        model, tokenizer, eval_dir, ["piqa", "boolq"], 3, batch_size=4
+    )
+    assert scanned, "no task index was built"
+    builtin = lm_eval_tasks_dir().resolve()
+    assert not [p for p in scanned if p == builtin or builtin in p.parents]
+    assert documents["piqa"]["doc_id"] == [0, 1, 2]
+    assert set(documents["piqa"]) == {"doc_id", "acc", "acc_norm"}
+    assert set(documents["boolq"]) == {"doc_id", "acc"}
