@@ -33,12 +33,19 @@ def compute(
     windows = load_calibration(calibration_dir)["input_ids"]
     # the Fisher diagonal if needed; the jackknife of every estimator that gives
     # it (SAAP may fuse any of them)
-    stats = collect_for(model, windows, params.batch_size, list(params.estimators))
+    stats = collect_for(
+        model,
+        windows,
+        params.batch_size,
+        list(params.estimators),
+        per_window=params.per_window,
+    )
     meta = {
         "num_layers": len(stats.layers),
         "estimators": list(params.estimators),
         "num_batches": stats.num_batches,
         "jackknife_windows": stats.num_samples,
+        "per_window": params.per_window,
         "num_tokens": stats.num_tokens,
         "calibration_losses": stats.losses,
         "seconds": round(time.perf_counter() - started, 2),

@@ -360,11 +360,17 @@ def jackknife_replicates(
 
 
 def collect_for(
-    model, windows: torch.Tensor, batch_size: int, names: list[str], progress=True
+    model,
+    windows: torch.Tensor,
+    batch_size: int,
+    names: list[str],
+    progress=True,
+    per_window: str = "stored",
 ) -> CalibrationStats:
     """Calibration statistics with what the estimators ``names`` need: the
     per-window Fisher diagonal, and the jackknife of every one that gives it
-    (derived estimators' default inputs included)."""
+    (derived estimators' default inputs included); ``per_window`` as in
+    :func:`~saap.importance.stats.collect_statistics`."""
     names = with_fusion_inputs(names)
     return collect_statistics(
         model,
@@ -375,4 +381,5 @@ def collect_for(
         jackknife=(
             jackknife_functions(names) if any(jackknifed(n) for n in names) else None
         ),
+        per_window=per_window,
     )

@@ -12,8 +12,14 @@ layer:
   FLAP's fluctuation, Wanda-sp's input norms and FLAP's bias compensation;
 - the block influence ``1 - cos(h_in, h_out)`` of each layer (ShortGPT).
 
-A second pass, one window at a time, runs when a second-order estimator needs the
-Fisher diagonal or when estimators are to be jackknifed (SAAP's uncertainty):
+Per-window gradients are needed when a second-order estimator needs the Fisher
+diagonal or when estimators are to be jackknifed (SAAP's uncertainty). By default
+(``per_window="stored"``) the first pass also keeps every projection's input and
+output gradient, and each window's gradient is formed from them afterwards
+(``N * dY_i^T X_i``: window ``i``'s own mean-loss gradient, since the first pass
+weights each window by ``1/N``); ``per_window="second_pass"`` instead runs a
+second forward and backward, one window at a time (no stored activations: for
+models whose activations do not fit in memory). Either way:
 
 - the Fisher diagonal as the mean of squared per-window gradients (one extra
   float32 copy of the layer weights);
@@ -33,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from saap.errors import PruningError
 from saap.importance.taylor import (
     IndexFn,
     add_atoms,
@@ -257,7 +264,11 @@ def _sample_hook(
     jackknife: Mapping[str, IndexFn],
     want_fisher: bool,
 ):
+    """What one window's gradient of the projection ``name`` adds: its square to
+    the Fisher diagonal, and the leave-this-window-out scores."""
     head_dim = stats.shape.head_dim
+    # the gradient sum over all windows, formed once
+    total = mean_grad * num_samples if jackknife else None
 
     def hook(grad: torch.Tensor) -> None:
         if want_fisher:
@@ -268,7 +279,7 @@ def _sample_hook(
                 stats.fisher[name] = square
         if jackknife:
             # the mean gradient of every window but this one
-            loo = (mean_grad * num_samples - grad) / (num_samples - 1)
+            loo = (total - grad) / (num_samples - 1)
             for metric, index_fn in jackknife.items():
                 add_atoms(
                     stats.loo_atoms[metric][-1],
@@ -287,14 +298,31 @@ def collect_statistics(
     want_fisher: bool = True,
     progress: bool = True,
     jackknife: Mapping[str, IndexFn] | None = None,
+    per_window: str = "stored",
 ) -> CalibrationStats:
     """Run the calibration ``windows`` (N, T) through ``model`` (float32).
 
     The gradient is that of the mean next-token loss over all windows. With
     ``want_fisher`` or ``jackknife`` (metric name -> per-index salience function
-    of :mod:`saap.importance.taylor`), a second pass, one window at a time,
-    collects the per-window Fisher diagonal and leave-one-out scores.
+    of :mod:`saap.importance.taylor`), each window's own gradient gives the
+    per-window Fisher diagonal and leave-one-out scores: formed from the first
+    pass's stored activations (``per_window="stored"``) or from a second pass,
+    one window at a time (``"second_pass"``).
     """
+    if per_window not in PER_WINDOW:
+        raise ValueError(
+            f"per_window {per_window!r} is not known; use one of {PER_WINDOW}"
+        )
+    jackknife = dict(jackknife or {})
+    second_pass = bool(want_fisher or jackknife)
+    if jackknife and windows.shape[0] < 2:
+        raise ValueError(
+            "the jackknife needs at least 2 calibration windows, got "
+            f"{windows.shape[0]}; raise calibration.num_samples"
+        )
+    stored = second_pass and per_window == "stored"
+    if stored:
+        check_stored_memory(model, windows)
     shapes = layer_shapes(model)
     layers = decoder_layers(model)
     model.eval()
@@ -323,6 +351,9 @@ def collect_statistics(
             s.influence_sum += float((1 - cos).sum())
 
         handles.append(layer.register_forward_hook(influence, with_kwargs=True))
+    records = [_Record(layer) for layer in layers] if stored else []
+    for record in records:
+        handles += record.hooks
 
     num_samples = windows.shape[0]
     losses = []
@@ -345,14 +376,11 @@ def collect_statistics(
         weights.append({n: p.detach() for n, p in params.items()})
         for p in params.values():
             p.grad = None
-    jackknife = dict(jackknife or {})
-    second_pass = want_fisher or jackknife
-    if jackknife and num_samples < 2:
-        raise ValueError(
-            "the jackknife needs at least 2 calibration windows, got "
-            f"{num_samples}; raise calibration.num_samples"
+    if stored:
+        _stored_per_window(
+            records, layer_stats, params_per_layer, grads, jackknife, want_fisher
         )
-    if second_pass:
+    elif second_pass:
         _per_window_pass(
             model,
             windows,
@@ -371,7 +399,9 @@ def collect_statistics(
         "calibration: %d batches, mean loss %.3f%s",
         len(batches),
         sum(losses) / len(batches),
-        f"; per-window pass over {num_samples} windows" if second_pass else "",
+        f"; per-window gradients of {num_samples} windows ({per_window})"
+        if second_pass
+        else "",
     )
     return CalibrationStats(
         layers=layer_stats,
@@ -382,6 +412,160 @@ def collect_statistics(
         losses=losses,
         num_samples=num_samples if second_pass else 0,
     )
+
+
+PER_WINDOW = ("stored", "second_pass")
+
+# the projections whose inputs are kept, by the name of the input they share:
+# q, k and v read the attention input, gate and up the MLP input
+_INPUT_OF = {
+    "q": "attn",
+    "k": "attn",
+    "v": "attn",
+    "o": "o",
+    "gate": "mlp",
+    "up": "mlp",
+    "down": "down",
+}
+
+
+def _modules(layer: nn.Module) -> dict[str, nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "q": attn.q_proj,
+        "k": attn.k_proj,
+        "v": attn.v_proj,
+        "o": attn.o_proj,
+        "gate": mlp.gate_proj,
+        "up": mlp.up_proj,
+        "down": mlp.down_proj,
+    }
+
+
+def stored_bytes(model: nn.Module, windows: torch.Tensor) -> int:
+    """Bytes the stored per-window mode keeps: every projection's input (shared
+    ones once) and output gradient, float32, for every calibration token."""
+    per_token = 0
+    for layer in decoder_layers(model):
+        modules = _modules(layer)
+        inputs = {
+            _INPUT_OF[name]: module.in_features for name, module in modules.items()
+        }
+        per_token += sum(inputs.values())
+        per_token += sum(module.out_features for module in modules.values())
+    return per_token * int(windows.numel()) * 4
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_stored_memory(model: nn.Module, windows: torch.Tensor) -> None:
+    """Refuse the stored mode where its activations would not fit in memory."""
+    need, free = stored_bytes(model, windows), available_bytes()
+    if free is not None and need > 0.7 * free:
+        raise PruningError(
+            f"keeping the calibration activations for the per-window gradients "
+            f"needs {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free: set "
+            "importance.per_window: second_pass (a second forward and backward per "
+            "window instead) or use fewer calibration windows"
+        )
+
+
+class _Record:
+    """Hooks keeping one decoder layer's projection inputs and output gradients
+    during the first pass, batch by batch."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.grads: dict[str, list[torch.Tensor]] = {}
+        self.hooks = []
+        for name, module in _modules(layer).items():
+            site = _INPUT_OF[name]
+            if site not in self.inputs:
+                self.inputs[site] = []
+                self.hooks.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, args, site=site: self.inputs[site].append(
+                            args[0].detach()
+                        )
+                    )
+                )
+            self.grads[name] = []
+            self.hooks.append(module.register_forward_hook(self._keep_grad(name)))
+
+    def _keep_grad(self, name: str):
+        def forward_hook(_m, _args, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(lambda g: self.grads[name].append(g.detach()))
+
+        return forward_hook
+
+    def window_tensors(self) -> tuple[dict, dict]:
+        """(windows, tokens, features) inputs by site and output gradients by
+        projection; the per-batch lists are released."""
+        inputs = {k: torch.cat(v) for k, v in self.inputs.items()}
+        grads = {k: torch.cat(v) for k, v in self.grads.items()}
+        self.inputs, self.grads = {}, {}
+        return inputs, grads
+
+
+def _stored_per_window(
+    records: list[_Record],
+    layer_stats: list[LayerStats],
+    params_per_layer: list[dict[str, nn.Parameter]],
+    grads: list[dict[str, torch.Tensor]],
+    jackknife: dict[str, IndexFn],
+    want_fisher: bool,
+) -> None:
+    """Each window's gradient from the first pass's kept activations, layer by
+    layer, through the same per-window hooks as the second pass."""
+    for record, stats, params, mean_grads in zip(
+        records, layer_stats, params_per_layer, grads, strict=True
+    ):
+        inputs, out_grads = record.window_tensors()
+        num_samples = inputs["attn"].shape[0]
+        stats.loo_atoms = {metric: [] for metric in jackknife}
+        hooks = {
+            name: _sample_hook(
+                stats,
+                name,
+                param,
+                mean_grads[name],
+                num_samples,
+                jackknife,
+                want_fisher,
+            )
+            for name, param in params.items()
+        }
+        for i in range(num_samples):
+            stats.sample_inputs.append({})
+            for per_sample in stats.loo_atoms.values():
+                per_sample.append({})
+            for name, hook in hooks.items():
+                base = name.removesuffix("_bias")
+                # the first pass weighted this window by 1/N
+                d_out = out_grads[base][i] * num_samples
+                if name.endswith("_bias"):
+                    hook(d_out.sum(0))
+                else:
+                    hook(d_out.T @ inputs[_INPUT_OF[name]][i])
+            if jackknife:
+                stats.add_sample_input("o", inputs["o"][i])
+                stats.add_sample_input("down", inputs["down"][i])
+        del inputs, out_grads
+        for fisher in stats.fisher.values():
+            fisher.div_(num_samples)
+        if not jackknife:
+            stats.sample_inputs = []
 
 
 def _per_window_pass(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saap.errors import PruningError
 from saap.fusion import jackknife_sigma
+from saap.importance import stats as stats_module
 from saap.importance.estimators import collect_for, jackknifed
-from saap.importance.stats import layer_projections
+from saap.importance.stats import collect_statistics, layer_projections
 from saap.model import load_model
 from saap.scores import scores_from_stats
 
@@ -85,3 +87,64 @@ def test_sigma_is_zero_on_identical_windows(tiny_model_dir, windows):
     for fusion in ("saap", "saap_rank"):
         _, details = scores.estimate(fusion, FUSABLE)
         assert all(s < 1e-3 for s in details["sigmas"]["mlp"].values()), fusion
+
+
+def _per_window_stats(model, windows, per_window):
+    from saap.importance.estimators import jackknife_functions
+
+    return collect_statistics(
+        model,
+        windows,
+        3,
+        want_fisher=True,
+        progress=False,
+        jackknife=jackknife_functions(FUSABLE),
+        per_window=per_window,
+    )
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_stored_activations_give_the_second_pass_statistics(request, windows, fixture):
+    """Per-window gradients formed from the batched pass's kept inputs and output
+    gradients equal those of a second forward and backward per window (biases
+    included), up to float32 rounding."""
+    model, _ = load_model(request.getfixturevalue(fixture))
+    qkv_bias = fixture == "tiny_qwen_dir"
+    stored = _per_window_stats(model, windows, "stored")
+    second = _per_window_stats(model, windows, "second_pass")
+    assert stored.num_samples == second.num_samples == windows.shape[0]
+    names = set(layer_projections(model.model.layers[0]))
+    assert ("q_bias" in names) == qkv_bias
+    for a, b in zip(stored.layers, second.layers, strict=True):
+        assert set(a.fisher) == names
+        for name in names:
+            assert torch.allclose(a.fisher[name], b.fisher[name], rtol=1e-4, atol=1e-9)
+        for metric in FUSABLE[:3]:
+            assert len(a.loo_atoms[metric]) == windows.shape[0]
+            for x, y in zip(a.loo_atoms[metric], b.loo_atoms[metric], strict=True):
+                assert x.keys() == y.keys()
+                for atom in x:
+                    assert torch.allclose(x[atom], y[atom], rtol=1e-4, atol=1e-7)
+        for x, y in zip(a.sample_inputs, b.sample_inputs, strict=True):
+            for key in ("o_sum", "o_sq", "down_sum", "down_sq", "tokens"):
+                assert torch.allclose(x[key], y[key], rtol=1e-6), key
+    # the mean gradient and the per-batch statistics come from the same pass
+    for ga, gb in zip(stored.grads, second.grads, strict=True):
+        for name in ga:
+            assert torch.equal(ga[name], gb[name])
+
+
+def test_stored_mode_refuses_when_the_activations_do_not_fit(
+    tiny_model_dir, windows, monkeypatch
+):
+    model, _ = load_model(tiny_model_dir)
+    need = stats_module.stored_bytes(model, windows)
+    # 4 layers x (64*3 + 128 inputs + 64*2 + 32*2 + 128*2 + 64 outputs) floats
+    assert need == 4 * (64 * 3 + 128 + 64 * 2 + 32 * 2 + 128 * 2 + 64) * 8 * 32 * 4
+    monkeypatch.setattr(stats_module, "available_bytes", lambda: need)
+    with pytest.raises(PruningError, match="importance.per_window: second_pass"):
+        _per_window_stats(model, windows, "stored")
+    # the second pass keeps nothing, so it runs
+    assert _per_window_stats(model, windows, "second_pass").num_samples == 8
+    with pytest.raises(ValueError, match="'twice' is not known"):
+        _per_window_stats(model, windows, "twice")
