@@ -303,6 +303,26 @@ def _error(linear_w, linear_b, x, y) -> float:
     return float((x @ linear_w.T + linear_b - y).square().sum())
 
 
+def moment_error(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gram: torch.Tensor,
+    total: torch.Tensor,
+    tokens: float,
+    cross: torch.Tensor,
+    out_total: torch.Tensor,
+    out_squares: float,
+) -> float:
+    """``sum_t ||W x_t + b - y_t||^2`` from the moments of the fit (``gram`` = sum
+    x x^T, ``total`` = sum x, ``cross`` = sum y x^T, ``out_total`` = sum y,
+    ``out_squares`` = sum ||y||^2), float64: a (out, k, k) product instead of
+    one over every token."""
+    fitted = float(((weight @ gram) * weight).sum())
+    fitted += 2 * float(bias @ (weight @ total)) + tokens * float(bias @ bias)
+    mixed = float((weight * cross).sum()) + float(bias @ out_total)
+    return max(fitted - 2 * mixed + out_squares, 0.0)
+
+
 @torch.no_grad()
 def sequential_refit(
     dense: nn.Module,
@@ -391,10 +411,12 @@ def sequential_refit(
                 row["holdout_before"] = _error(w0, b0, xh, yh) / scale_h
                 row["holdout_after"] = errors[chosen] / scale_h
             new_w, new_b = fits[chosen]
-            scale = float(y64.square().sum().clamp_min(1e-30))
+            squares = float(y64.square().sum())
+            scale = max(squares, 1e-30)
+            fit_moments = (*moments[:5], squares)
             row["ridge"] = candidates[chosen]
-            row["error_before"] = _error(w0, b0, x64, y64) / scale
-            row["error_after"] = _error(new_w, new_b, x64, y64) / scale
+            row["error_before"] = moment_error(w0, b0, *fit_moments) / scale
+            row["error_after"] = moment_error(new_w, new_b, *fit_moments) / scale
             _set_linear(linear, new_w, new_b)
             report.append(row)
         for stream in (fit, check):

@@ -9,6 +9,7 @@ import torch
 from saap.compensation import (
     input_grams,
     least_squares_refit,
+    moment_error,
     plan_grams,
     sequential_refit,
 )
@@ -301,3 +302,23 @@ def test_ridge_grid_chooses_on_held_back_windows(tiny_model_dir, windows):
     assert report[0]["holdout_after"] == pytest.approx(min(singles))
     with pytest.raises(PruningError, match="holdout_samples"):
         prune_compensated(model, plan, fit)
+
+
+def test_reconstruction_error_from_moments_is_the_error_over_tokens():
+    """The refit report's errors come from the fit's moments: the same sum of
+    squares as over the tokens, for the fitted and for any other (W, b)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 24, generator=gen, dtype=torch.float64) + 0.5
+    y = torch.randn(500, 10, generator=gen, dtype=torch.float64)
+    moments = (x.T @ x, x.sum(0), 500.0, y.T @ x, y.sum(0), float(y.square().sum()))
+    for seed in range(3):
+        gen.manual_seed(seed)
+        w = torch.randn(10, 24, generator=gen, dtype=torch.float64)
+        b = torch.randn(10, generator=gen, dtype=torch.float64)
+        direct = float((x @ w.T + b - y).square().sum())
+        assert moment_error(w, b, *moments) == pytest.approx(direct, rel=1e-10)
+    # the least-squares solution: a small residual, still exact
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(500, 1)], 1), y).solution
+    w, b = solution[:-1].T, solution[-1]
+    direct = float((x @ w.T + b - y).square().sum())
+    assert moment_error(w, b, *moments) == pytest.approx(direct, rel=1e-8)
