@@ -146,7 +146,8 @@ def main() -> None:
         "What the importance, ranking and prune stages compute, each loading the "
         "float32 model itself; writing their outputs is not timed.",
         "",
-        f"- importance (statistics pass with the per-window jackknife pass, "
+        f"- importance (calibration statistics with per-window gradients, "
+        f"importance.per_window: {importance_params.per_window}, "
         f"{len(importance_params.estimators)} estimators, "
         f"{calibration['input_ids'].shape[0]} x {calibration['input_ids'].shape[1]} "
         f"tokens): {estimated - started:.1f} s",
