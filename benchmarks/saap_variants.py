@@ -123,6 +123,11 @@ VARIANTS: dict[str, dict] = {
         saap_metrics=MIXED, least_squares=True, least_squares_inputs="pruned_to_dense"
     ),
     "SAAP vector+element1, widths x32": dict(saap_metrics=GRADIENT, width_multiple=32),
+    # the default with every kept MLP width a whole number of llama.cpp's q8_0 /
+    # q4_0 blocks (32 values)
+    "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, widths x32": (
+        dict(saap_metrics=MIXED, width_multiple=32, **SEQUENTIAL_LS)
+    ),
     # one shot against two steps with re-scoring (attention pruned in both)
     "SAAP element1+wanda_sp, + least squares, attention": dict(
         saap_metrics=MIXED, least_squares=True, prune_attention=True
