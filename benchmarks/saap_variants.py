@@ -363,6 +363,8 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         + (f" --samples {args.samples}" if args.samples else "")
         + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
         + (" --exact" if args.exact else "")
+        + (" --kl" if args.kl else "")
+        + (f" --windows {args.windows}" if args.windows != 64 else "")
         + (" --estimators " + " ".join(args.estimators) if args.estimators else "")
         + (f" --out {args.out}" if str(args.out) != "docs/bench_saap_variants" else "")
         + "`; calibration "
