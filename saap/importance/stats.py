@@ -51,18 +51,24 @@ from saap.model import LayerShape, decoder_layers, layer_shapes
 log = logging.getLogger(__name__)
 
 
+def projection_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The prunable linear modules of one decoder layer by short name."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "q": attn.q_proj,
+        "k": attn.k_proj,
+        "v": attn.v_proj,
+        "o": attn.o_proj,
+        "gate": mlp.gate_proj,
+        "up": mlp.up_proj,
+        "down": mlp.down_proj,
+    }
+
+
 def layer_projections(layer: nn.Module) -> dict[str, nn.Parameter]:
     """The prunable parameters of one decoder layer by short name."""
-    attn, mlp = layer.self_attn, layer.mlp
-    params = {
-        "q": attn.q_proj.weight,
-        "k": attn.k_proj.weight,
-        "v": attn.v_proj.weight,
-        "o": attn.o_proj.weight,
-        "gate": mlp.gate_proj.weight,
-        "up": mlp.up_proj.weight,
-        "down": mlp.down_proj.weight,
-    }
+    attn = layer.self_attn
+    params = {n: m.weight for n, m in projection_modules(layer).items()}
     if attn.q_proj.bias is not None:
         params.update(
             q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, v_bias=attn.v_proj.bias
@@ -314,13 +320,13 @@ def collect_statistics(
             f"per_window {per_window!r} is not known; use one of {PER_WINDOW}"
         )
     jackknife = dict(jackknife or {})
-    second_pass = bool(want_fisher or jackknife)
+    needs_windows = bool(want_fisher or jackknife)
     if jackknife and windows.shape[0] < 2:
         raise ValueError(
             "the jackknife needs at least 2 calibration windows, got "
             f"{windows.shape[0]}; raise calibration.num_samples"
         )
-    stored = second_pass and per_window == "stored"
+    stored = needs_windows and per_window == "stored"
     if stored:
         check_stored_memory(model, windows)
     shapes = layer_shapes(model)
@@ -380,7 +386,7 @@ def collect_statistics(
         _stored_per_window(
             records, layer_stats, params_per_layer, grads, jackknife, want_fisher
         )
-    elif second_pass:
+    elif needs_windows:
         _per_window_pass(
             model,
             windows,
@@ -400,7 +406,7 @@ def collect_statistics(
         len(batches),
         sum(losses) / len(batches),
         f"; per-window gradients of {num_samples} windows ({per_window})"
-        if second_pass
+        if needs_windows
         else "",
     )
     return CalibrationStats(
@@ -410,7 +416,7 @@ def collect_statistics(
         num_batches=len(batches),
         num_tokens=int(windows.numel()),
         losses=losses,
-        num_samples=num_samples if second_pass else 0,
+        num_samples=num_samples if needs_windows else 0,
     )
 
 
@@ -429,25 +435,12 @@ _INPUT_OF = {
 }
 
 
-def _modules(layer: nn.Module) -> dict[str, nn.Module]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return {
-        "q": attn.q_proj,
-        "k": attn.k_proj,
-        "v": attn.v_proj,
-        "o": attn.o_proj,
-        "gate": mlp.gate_proj,
-        "up": mlp.up_proj,
-        "down": mlp.down_proj,
-    }
-
-
 def stored_bytes(model: nn.Module, windows: torch.Tensor) -> int:
     """Bytes the stored per-window mode keeps: every projection's input (shared
     ones once) and output gradient, float32, for every calibration token."""
     per_token = 0
     for layer in decoder_layers(model):
-        modules = _modules(layer)
+        modules = projection_modules(layer)
         inputs = {
             _INPUT_OF[name]: module.in_features for name, module in modules.items()
         }
@@ -488,7 +481,7 @@ class _Record:
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.grads: dict[str, list[torch.Tensor]] = {}
         self.hooks = []
-        for name, module in _modules(layer).items():
+        for name, module in projection_modules(layer).items():
             site = _INPUT_OF[name]
             if site not in self.inputs:
                 self.inputs[site] = []
