@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from saap.calibration import make_calibration
-from saap.comparison import t95
+from saap.comparison import seed_ratio, t95
 from saap.evaluation.perplexity import fidelity, perplexity
 from saap.evaluation.report import corpus_windows
 from saap.fusion import jackknife_sigma
@@ -101,6 +101,9 @@ VARIANTS: dict[str, dict] = {
     ),
     "SAAP vector+element1, + least squares": dict(
         saap_metrics=GRADIENT, least_squares=True
+    ),
+    "SAAP element1+wanda_sp, + bias comp.": dict(
+        saap_metrics=MIXED, bias_compensation=True
     ),
     "SAAP element1+wanda_sp, + least squares": dict(
         saap_metrics=MIXED, least_squares=True
@@ -217,6 +220,42 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def paired_table(results: dict, base: str) -> list[str]:
+    """Every variant against ``base``, paired by seed (geometric mean of the
+    per-seed ratios, 95% t-interval): below 1 is better than ``base``."""
+    lines = [
+        f"## Against '{base}', paired by seed",
+        "",
+        "Ratio variant / this one (geometric mean over seeds, 95% t-interval): "
+        "below 1 is better; 'not separated' where the interval contains 1.",
+        "",
+        "| ratio | variant | PTB | Wiki | KL to dense |",
+        "|---|---|---|---|---|",
+    ]
+    for ratio, variants in results.items():
+        if base not in variants:
+            raise SystemExit(f"--paired-to {base!r} did not run at ratio {ratio}")
+        reference = variants[base]
+        for label, rows in variants.items():
+            if label == base:
+                continue
+            cells = []
+            for metric in ("ptb", "wiki", "kl"):
+                if not all(metric in r for r in rows + reference):
+                    cells.append("-")
+                    continue
+                i = seed_ratio(
+                    [r[metric] for r in rows], [r[metric] for r in reference]
+                )
+                separated = i.upper < 1 or i.lower > 1
+                cells.append(
+                    f"{i.value:.3f} [{i.lower:.3f}, {i.upper:.3f}]"
+                    + ("" if separated else " not separated")
+                )
+            lines.append(f"| {ratio} | {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -247,6 +286,12 @@ def main() -> None:
         default=None,
         help="score only these estimators in the statistics pass (default: the "
         "importance section's list); the variants run must use only these",
+    )
+    parser.add_argument(
+        "--paired-to",
+        default=None,
+        help="also report every variant against this one (a whole label), paired "
+        "by seed: PTB, Wikipedia and (with --kl) KL ratios (an ablation's table)",
     )
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--text", type=Path, default=Path("data/text"))
@@ -364,6 +409,7 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
         + (" --exact" if args.exact else "")
         + (" --kl" if args.kl else "")
+        + (f" --paired-to '{args.paired_to}'" if args.paired_to else "")
         + (f" --windows {args.windows}" if args.windows != 64 else "")
         + (" --estimators " + " ".join(args.estimators) if args.estimators else "")
         + (f" --out {args.out}" if str(args.out) != "docs/bench_saap_variants" else "")
@@ -438,6 +484,8 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
                 f"{per_seed} |"
             )
         lines.append("")
+    if args.paired_to:
+        lines += paired_table(results, args.paired_to)
     lines += [
         "## Jackknife sigma per metric (mean-normalised scores; ', rank': ranks, "
         "per seed)",
