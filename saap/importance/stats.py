@@ -111,6 +111,20 @@ class LayerStats:
                 squares if self.down_in_sq is None else self.down_in_sq + squares
             )
 
+    def open_window(self) -> None:
+        """Slots for the next window's input sums and leave-one-out atoms."""
+        self.sample_inputs.append({})
+        for per_sample in self.loo_atoms.values():
+            per_sample.append({})
+
+    def close_windows(self, num_samples: int, jackknifed: bool) -> None:
+        """After every window: the Fisher sums become means; the per-window input
+        sums are kept only for the jackknife."""
+        for fisher in self.fisher.values():
+            fisher.div_(num_samples)
+        if not jackknifed:
+            self.sample_inputs = []
+
     def add_sample_input(self, which: str, x: torch.Tensor) -> None:
         """Record one window's input sums of o_proj or down_proj (second pass)."""
         x = x.detach().reshape(-1, x.shape[-1]).double()
@@ -511,6 +525,24 @@ class _Record:
         return inputs, grads
 
 
+def _window_hooks(
+    stats: LayerStats,
+    params: dict[str, nn.Parameter],
+    mean_grads: dict[str, torch.Tensor],
+    num_samples: int,
+    jackknife: dict[str, IndexFn],
+    want_fisher: bool,
+) -> dict[str, Callable[[torch.Tensor], None]]:
+    """One layer's per-window hooks by projection (fresh leave-one-out lists)."""
+    stats.loo_atoms = {metric: [] for metric in jackknife}
+    return {
+        name: _sample_hook(
+            stats, name, param, mean_grads[name], num_samples, jackknife, want_fisher
+        )
+        for name, param in params.items()
+    }
+
+
 def _stored_per_window(
     records: list[_Record],
     layer_stats: list[LayerStats],
@@ -526,23 +558,11 @@ def _stored_per_window(
     ):
         inputs, out_grads = record.window_tensors()
         num_samples = inputs["attn"].shape[0]
-        stats.loo_atoms = {metric: [] for metric in jackknife}
-        hooks = {
-            name: _sample_hook(
-                stats,
-                name,
-                param,
-                mean_grads[name],
-                num_samples,
-                jackknife,
-                want_fisher,
-            )
-            for name, param in params.items()
-        }
+        hooks = _window_hooks(
+            stats, params, mean_grads, num_samples, jackknife, want_fisher
+        )
         for i in range(num_samples):
-            stats.sample_inputs.append({})
-            for per_sample in stats.loo_atoms.values():
-                per_sample.append({})
+            stats.open_window()
             for name, hook in hooks.items():
                 base = name.removesuffix("_bias")
                 # the first pass weighted this window by 1/N
@@ -555,10 +575,7 @@ def _stored_per_window(
                 stats.add_sample_input("o", inputs["o"][i])
                 stats.add_sample_input("down", inputs["down"][i])
         del inputs, out_grads
-        for fisher in stats.fisher.values():
-            fisher.div_(num_samples)
-        if not jackknife:
-            stats.sample_inputs = []
+        stats.close_windows(num_samples, bool(jackknife))
 
 
 def _per_window_pass(
@@ -577,21 +594,10 @@ def _per_window_pass(
     for layer, stats, params, mean_grads in zip(
         layers, layer_stats, params_per_layer, grads, strict=True
     ):
-        stats.loo_atoms = {metric: [] for metric in jackknife}
-        for name, param in params.items():
-            handles.append(
-                param.register_hook(
-                    _sample_hook(
-                        stats,
-                        name,
-                        param,
-                        mean_grads[name],
-                        num_samples,
-                        jackknife,
-                        want_fisher,
-                    )
-                )
-            )
+        hooks = _window_hooks(
+            stats, params, mean_grads, num_samples, jackknife, want_fisher
+        )
+        handles += [params[name].register_hook(hook) for name, hook in hooks.items()]
         if jackknife:
             handles += _input_hooks(layer, stats.add_sample_input)
     try:
@@ -599,9 +605,7 @@ def _per_window_pass(
             windows.split(1), desc="per-window pass", disable=not progress
         ):
             for stats in layer_stats:
-                stats.sample_inputs.append({})
-                for per_sample in stats.loo_atoms.values():
-                    per_sample.append({})
+                stats.open_window()
             model(input_ids=window, labels=window).loss.backward()
             for params in params_per_layer:
                 for p in params.values():
@@ -610,7 +614,4 @@ def _per_window_pass(
         for handle in handles:
             handle.remove()
     for stats in layer_stats:
-        for fisher in stats.fisher.values():
-            fisher.div_(num_samples)
-        if not jackknife:
-            stats.sample_inputs = []
+        stats.close_windows(num_samples, bool(jackknife))
