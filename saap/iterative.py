@@ -106,12 +106,14 @@ def iterative_plan(
     batch_size: int,
     progress: bool = True,
     build: Callable[[Plan], torch.nn.Module] | None = None,
+    per_window: str = "stored",
 ) -> Plan:
     """The plan reaching ``params.ratio`` of ``model``'s parameters in
     ``params.steps`` steps; ``first_scores`` (the importance stage's) plan the
     first step, fresh statistics of the pruned model each later one. ``build``
     makes that pruned model from the plan so far (on ``model``); default: the
-    plain slice, ``prune_model(model, plan)``."""
+    plain slice, ``prune_model(model, plan)``. ``per_window``: how the later
+    steps' statistics form per-window gradients (``importance.per_window``)."""
     steps = params.steps
     if params.allocation in ("layers", "sensitivity") or params.ppl_bound is not None:
         raise PruningError(
@@ -129,7 +131,9 @@ def iterative_plan(
     current, plan, scores = model, None, first_scores
     for step in range(1, steps + 1):
         if scores is None:
-            stats = collect_for(current, windows, batch_size, estimators, progress)
+            stats = collect_for(
+                current, windows, batch_size, estimators, progress, per_window
+            )
             scores = scores_from_stats(
                 stats, estimators, params.seed, {"num_layers": len(base_shapes)}
             )
@@ -173,6 +177,7 @@ def stepped_plan(
     holdout: torch.Tensor | None = None,
     progress: bool = True,
     attention_fallback: bool = False,
+    per_window: str = "stored",
 ) -> Plan:
     """The plan of ``params.steps`` steps as the prune stage builds it: later
     steps score the compensated model where ``params`` compensates (the refit
@@ -187,7 +192,9 @@ def stepped_plan(
     build = None
     if params.least_squares or params.bias_compensation:
         build = compensating_build(model, params, windows, scores.input_means, holdout)
-    plan = iterative_plan(model, windows, params, scores, batch_size, progress, build)
+    plan = iterative_plan(
+        model, windows, params, scores, batch_size, progress, build, per_window
+    )
     plan.prune_attention = params.prune_attention
     record_compensation(plan, params)
     return plan

@@ -137,6 +137,7 @@ def arm_plan(
     holdout=None,
     batch_size: int = 4,
     progress: bool = False,
+    per_window: str = "stored",
 ) -> Plan:
     """A method's plan as the prune stage builds it: in ``params.steps`` steps
     (re-scored between, refit between where ``params`` compensate) where the
@@ -159,6 +160,7 @@ def arm_plan(
             holdout,
             progress=progress,
             attention_fallback=True,
+            per_window=per_window,
         )
     return build_arm_plan(scores, layer_shapes(model), count_params(model), params)
 

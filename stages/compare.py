@@ -142,12 +142,13 @@ def run_arm(
     records: list[dict] | None,
     plans_out: Path,
     batch_size: int = 4,
+    per_window: str = "stored",
 ) -> dict:
     """Prune, evaluate, benchmark and recover one arm; return its JSON record.
 
     ``base_model`` is the float32 base; it is not modified. ``batch_size``:
     calibration windows per backward where a method prunes in steps (the later
-    steps re-score the pruned model).
+    steps re-score the pruned model); ``per_window`` as importance.per_window.
     """
     from saap.finetune import merge, split_records
     from saap.recovery import RecoveryData, recover
@@ -201,7 +202,15 @@ def run_arm(
             # the seed's calibration windows are saved beside its scores
             tensors = load_calibration(importance_dirs[seed])
             windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
-        plan = arm_plan(base_model, seed_params, scores, windows, holdout, batch_size)
+        plan = arm_plan(
+            base_model,
+            seed_params,
+            scores,
+            windows,
+            holdout,
+            batch_size,
+            per_window=per_window,
+        )
         pruned = prune_compensated(
             base_model, plan, windows, scores.input_means, holdout
         )
@@ -303,7 +312,9 @@ def importance(args: argparse.Namespace) -> None:
     base_importance = load_section(args.params, "importance")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = ImportanceParams(
-        estimators=ESTIMATORS, batch_size=base_importance.batch_size
+        estimators=ESTIMATORS,
+        batch_size=base_importance.batch_size,
+        per_window=base_importance.per_window,
     )
     with atomic_dir(args.out) as tmp:
         for seed in compare.seeds:
@@ -328,6 +339,7 @@ def arm(args: argparse.Namespace) -> None:
     finetune = load_section(args.params, "finetune")
     evaluate = load_section(args.params, "evaluate")
     bench = load_section(args.params, "bench")
+    importance_params = load_section(args.params, "importance")
     check_tasks(list(evaluate.tasks))
     missing = [s for s in compare.seeds if not (args.importance / f"seed{s}").is_dir()]
     if missing and compare.method != "dense":
@@ -353,7 +365,8 @@ def arm(args: argparse.Namespace) -> None:
             args.eval,
             records,
             plans,
-            load_section(args.params, "importance").batch_size,
+            importance_params.batch_size,
+            importance_params.per_window,
         )
     write_json(args.out, record)
     log.info(

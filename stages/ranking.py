@@ -35,6 +35,7 @@ def run(
     importance_dir: Path,
     calibration_dir: Path,
     batch_size: int = 4,
+    per_window: str = "stored",
 ) -> Plan:
     model, _ = load_model(model_dir, dtype=torch.float32)
     scores = load_scores(importance_dir)
@@ -70,6 +71,7 @@ def run(
             scores,
             batch_size,
             calibration.get("holdout_ids"),
+            per_window=per_window,
         )
     else:
         plan = plan_from_scores(
@@ -91,8 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "prune")
-    batch_size = load_section(args.params, "importance").batch_size
-    plan = run(params, args.model, args.importance, args.calibration, batch_size)
+    importance = load_section(args.params, "importance")
+    plan = run(
+        params,
+        args.model,
+        args.importance,
+        args.calibration,
+        importance.batch_size,
+        importance.per_window,
+    )
     with atomic_dir(args.out) as tmp:
         (tmp / "plan.json").write_text(plan.dumps())
         plot_kept_fraction(plan, tmp / "kept_fraction.png")

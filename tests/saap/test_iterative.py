@@ -134,6 +134,16 @@ def test_max_step_ratio_prunes_in_steps_with_the_refit_between(tiny_model_dir, w
     assert [e.kept_channels for e in plan.layers] != [
         e.kept_channels for e in one_shot.layers
     ]
+    # the later step's statistics form per-window gradients as importance.per_window
+    # says: the second pass gives the same plan; the setting reaches them
+    second = stepped_plan(
+        model, p, windows, scores, 2, progress=False, per_window="second_pass"
+    )
+    assert [e.kept_channels for e in second.layers] == [
+        e.kept_channels for e in plan.layers
+    ]
+    with pytest.raises(ValueError, match="'twice' is not known"):
+        stepped_plan(model, p, windows, scores, 2, progress=False, per_window="twice")
 
 
 def test_stepped_plan_fails_first_with_the_one_shot_error(tiny_model_dir, windows):
