@@ -14,12 +14,15 @@ layer:
 
 Per-window gradients are needed when a second-order estimator needs the Fisher
 diagonal or when estimators are to be jackknifed (SAAP's uncertainty). By default
-(``per_window="stored"``) the first pass also keeps every projection's input and
-output gradient, and each window's gradient is formed from them afterwards
-(``N * dY_i^T X_i``: window ``i``'s own mean-loss gradient, since the first pass
-weights each window by ``1/N``); ``per_window="second_pass"`` instead runs a
-second forward and backward, one window at a time (no stored activations: for
-models whose activations do not fit in memory). Either way:
+(``per_window="stored"``) the first pass keeps every projection's input and
+output gradient instead, and computes no weight gradient in its backward: each
+window's gradient is formed from them afterwards (``N * dY_i^T X_i``: window
+``i``'s own mean-loss gradient, since the first pass weights each window by
+``1/N``), and the mean gradient, the per-batch scores and the input sums from
+the same kept tensors. ``per_window="second_pass"`` instead runs the first pass
+with weight gradients and hooks as above, then a second forward and backward,
+one window at a time (no stored activations: for models whose activations do
+not fit in memory). Either way:
 
 - the Fisher diagonal as the mean of squared per-window gradients (one extra
   float32 copy of the layer weights);
@@ -43,6 +46,7 @@ from saap.errors import PruningError
 from saap.importance.taylor import (
     IndexFn,
     add_atoms,
+    atoms_of_index,
     element1_index,
     groups_from_atoms,
 )
@@ -275,6 +279,35 @@ def _batch_hook(stats: LayerStats, name: str, weight: torch.Tensor, head_dim: in
     return hook
 
 
+def _window_terms(
+    stats: LayerStats,
+    name: str,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    total: torch.Tensor | None,
+    num_samples: int,
+    jackknife: Mapping[str, IndexFn],
+    want_fisher: bool,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """What one window's gradient ``grad`` of the projection ``name`` adds: its
+    square to the Fisher diagonal, and the leave-this-window-out atom sums of
+    every jackknifed metric (``total``: the gradient sum over all windows)."""
+    if want_fisher:
+        if name in stats.fisher:
+            stats.fisher[name].addcmul_(grad, grad)
+        else:
+            stats.fisher[name] = grad.square()
+    if not jackknife:
+        return {}
+    # the mean gradient of every window but this one
+    loo = (total - grad).div_(num_samples - 1)
+    head_dim = stats.shape.head_dim
+    return {
+        metric: atoms_of_index(name, index_fn(name, weight, loo), head_dim)
+        for metric, index_fn in jackknife.items()
+    }
+
+
 def _sample_hook(
     stats: LayerStats,
     name: str,
@@ -284,29 +317,18 @@ def _sample_hook(
     jackknife: Mapping[str, IndexFn],
     want_fisher: bool,
 ):
-    """What one window's gradient of the projection ``name`` adds: its square to
-    the Fisher diagonal, and the leave-this-window-out scores."""
-    head_dim = stats.shape.head_dim
+    """Second pass: what one window's gradient of the projection ``name`` adds."""
     # the gradient sum over all windows, formed once
     total = mean_grad * num_samples if jackknife else None
+    weight = weight.detach()
 
     def hook(grad: torch.Tensor) -> None:
-        if want_fisher:
-            square = grad.square()
-            if name in stats.fisher:
-                stats.fisher[name] += square
-            else:
-                stats.fisher[name] = square
-        if jackknife:
-            # the mean gradient of every window but this one
-            loo = (total - grad) / (num_samples - 1)
-            for metric, index_fn in jackknife.items():
-                add_atoms(
-                    stats.loo_atoms[metric][-1],
-                    name,
-                    index_fn(name, weight.detach(), loo),
-                    head_dim,
-                )
+        terms = _window_terms(
+            stats, name, weight, grad, total, num_samples, jackknife, want_fisher
+        )
+        for metric, (atom, sums) in terms.items():
+            slot = stats.loo_atoms[metric][-1]
+            slot[atom] = slot[atom] + sums if atom in slot else sums
 
     return hook
 
@@ -355,14 +377,6 @@ def collect_statistics(
     for layer, stats in zip(layers, layer_stats, strict=True):
         params = layer_projections(layer)
         params_per_layer.append(params)
-        for name, param in params.items():
-            param.requires_grad_(True)
-            handles.append(
-                param.register_hook(
-                    _batch_hook(stats, name, param, stats.shape.head_dim)
-                )
-            )
-        handles += _input_hooks(layer, stats.add_input)
 
         def influence(_m, args, kwargs, output, s=stats):
             h_in = args[0] if args else kwargs["hidden_states"]
@@ -371,17 +385,37 @@ def collect_statistics(
             s.influence_sum += float((1 - cos).sum())
 
         handles.append(layer.register_forward_hook(influence, with_kwargs=True))
+        if stored:
+            # the kept activations give every gradient afterwards: the backward
+            # needs no weight gradients, only those of the activations
+            continue
+        for name, param in params.items():
+            param.requires_grad_(True)
+            handles.append(
+                param.register_hook(
+                    _batch_hook(stats, name, param, stats.shape.head_dim)
+                )
+            )
+        handles += _input_hooks(layer, stats.add_input)
     records = [_Record(layer) for layer in layers] if stored else []
     for record in records:
         handles += record.hooks
+    if stored:
+        # gradients flow from the embeddings' output on
+        handles.append(
+            model.get_input_embeddings().register_forward_hook(
+                lambda _m, _args, output: output.requires_grad_(True)
+            )
+        )
 
     num_samples = windows.shape[0]
     losses = []
     batches = torch.split(windows, batch_size)
     try:
         for batch in tqdm(batches, desc="calibration", disable=not progress):
-            for stats in layer_stats:
-                stats.batch_element_atoms.append({})
+            if not stored:
+                for stats in layer_stats:
+                    stats.batch_element_atoms.append({})
             loss = model(input_ids=batch, labels=batch).loss
             # weighted by the batch's share of windows: .grad ends up holding the
             # mean over windows of each window's mean-loss gradient
@@ -390,17 +424,22 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    grads, weights = [], []
-    for params in params_per_layer:
-        grads.append({n: p.grad for n, p in params.items()})
-        weights.append({n: p.detach() for n, p in params.items()})
-        for p in params.values():
-            p.grad = None
+    weights = [{n: p.detach() for n, p in ps.items()} for ps in params_per_layer]
     if stored:
-        _stored_per_window(
-            records, layer_stats, params_per_layer, grads, jackknife, want_fisher
+        grads = _stored_per_window(
+            records,
+            layer_stats,
+            weights,
+            jackknife,
+            want_fisher,
         )
-    elif needs_windows:
+    else:
+        grads = []
+        for params in params_per_layer:
+            grads.append({n: p.grad for n, p in params.items()})
+            for p in params.values():
+                p.grad = None
+    if needs_windows and not stored:
         _per_window_pass(
             model,
             windows,
@@ -516,11 +555,10 @@ class _Record:
 
         return forward_hook
 
-    def window_tensors(self) -> tuple[dict, dict]:
-        """(windows, tokens, features) inputs by site and output gradients by
-        projection; the per-batch lists are released."""
-        inputs = {k: torch.cat(v) for k, v in self.inputs.items()}
-        grads = {k: torch.cat(v) for k, v in self.grads.items()}
+    def take(self) -> tuple[dict, dict]:
+        """The kept (batch, tokens, features) inputs by site and output gradients
+        by projection, one list entry per batch; the record lets them go."""
+        inputs, grads = self.inputs, self.grads
         self.inputs, self.grads = {}, {}
         return inputs, grads
 
@@ -546,36 +584,94 @@ def _window_hooks(
 def _stored_per_window(
     records: list[_Record],
     layer_stats: list[LayerStats],
-    params_per_layer: list[dict[str, nn.Parameter]],
-    grads: list[dict[str, torch.Tensor]],
+    weights: list[dict[str, torch.Tensor]],
     jackknife: dict[str, IndexFn],
     want_fisher: bool,
-) -> None:
-    """Each window's gradient from the first pass's kept activations, layer by
-    layer, through the same per-window hooks as the second pass."""
-    for record, stats, params, mean_grads in zip(
-        records, layer_stats, params_per_layer, grads, strict=True
-    ):
-        inputs, out_grads = record.window_tensors()
-        num_samples = inputs["attn"].shape[0]
-        hooks = _window_hooks(
-            stats, params, mean_grads, num_samples, jackknife, want_fisher
-        )
-        for i in range(num_samples):
-            stats.open_window()
-            for name, hook in hooks.items():
-                base = name.removesuffix("_bias")
-                # the first pass weighted this window by 1/N
-                d_out = out_grads[base][i] * num_samples
-                if name.endswith("_bias"):
-                    hook(d_out.sum(0))
-                else:
-                    hook(d_out.T @ inputs[_INPUT_OF[name]][i])
-            if jackknife:
-                stats.add_sample_input("o", inputs["o"][i])
-                stats.add_sample_input("down", inputs["down"][i])
+) -> list[dict[str, torch.Tensor]]:
+    """Every gradient from the first pass's kept activations, layer by layer:
+    each window's own (``N * dY_i^T X_i``, one batched product per batch),
+    their sum (the mean gradient, returned), the per-batch element-wise atoms,
+    the input moments, and what each window's gradient adds
+    (:func:`_window_terms`, one window at a time: its tensors stay in cache)."""
+    mean_grads = []
+    # one reused output per shape: a fresh (windows, out, in) tensor per
+    # projection would be paged in anew every time
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+    for record, stats, layer_weights in zip(records, layer_stats, weights, strict=True):
+        inputs, out_grads = record.take()
+        batch_sizes = [x.shape[0] for x in inputs["attn"]]
+        num_samples, tokens = sum(batch_sizes), inputs["attn"][0].shape[1]
+        head_dim = stats.shape.head_dim
+        # the first pass weighted each window by 1/N: N dY_i is window i's own
+        for d_outs in out_grads.values():
+            for d_out in d_outs:
+                d_out.mul_(num_samples)
+        means = {}
+        stats.batch_element_atoms = [{} for _ in batch_sizes]
+        stats.loo_atoms = {m: [{} for _ in range(num_samples)] for m in jackknife}
+        for name, weight in layer_weights.items():
+            d_outs = out_grads[name.removesuffix("_bias")]
+            if name.endswith("_bias"):
+                per_window = torch.cat([d.sum(1) for d in d_outs])
+            else:
+                xs = inputs[_INPUT_OF[name]]
+                shape = (num_samples, d_outs[0].shape[-1], xs[0].shape[-1])
+                if shape not in buffers:
+                    buffers[shape] = torch.empty(shape)
+                per_window = buffers[shape]
+                for d_out, x, out in zip(
+                    d_outs, xs, per_window.split(batch_sizes), strict=True
+                ):
+                    torch.bmm(d_out.transpose(1, 2), x, out=out)
+            total = per_window.sum(0)
+            means[name] = total / num_samples
+            for atoms, batch in zip(
+                stats.batch_element_atoms, per_window.split(batch_sizes), strict=True
+            ):
+                # this batch's share of the mean gradient, as autograd's hook
+                # of the second-pass mode sees it
+                share = batch.sum(0).div_(num_samples)
+                add_atoms(atoms, name, element1_index(name, weight, share), head_dim)
+            for i in range(num_samples):
+                terms = _window_terms(
+                    stats,
+                    name,
+                    weight,
+                    per_window[i],
+                    total,
+                    num_samples,
+                    jackknife,
+                    want_fisher,
+                )
+                for metric, (atom, sums) in terms.items():
+                    slot = stats.loo_atoms[metric][i]
+                    slot[atom] = slot[atom] + sums if atom in slot else sums
+        mean_grads.append(means)
+        # input moments per window (float64, one window at a time), and their
+        # sums over windows
+        sample = {}
+        for which in ("o", "down"):
+            sums, squares = [], []
+            for x in (x for batch in inputs[which] for x in batch):
+                x = x.double()
+                sums.append(x.sum(0))
+                squares.append(x.square_().sum(0))
+            sample[f"{which}_sum"] = torch.stack(sums)
+            sample[f"{which}_sq"] = torch.stack(squares)
+        stats.o_in_sum, stats.o_in_sq = sample["o_sum"].sum(0), sample["o_sq"].sum(0)
+        stats.down_in_sum = sample["down_sum"].sum(0)
+        stats.down_in_sq = sample["down_sq"].sum(0)
+        stats.tokens = num_samples * tokens
+        if jackknife:
+            window_tokens = torch.tensor(float(tokens), dtype=torch.float64)
+            stats.sample_inputs = [
+                {key: value[i] for key, value in sample.items()}
+                | {"tokens": window_tokens}
+                for i in range(num_samples)
+            ]
         del inputs, out_grads
         stats.close_windows(num_samples, bool(jackknife))
+    return mean_grads
 
 
 def _per_window_pass(

@@ -35,9 +35,12 @@ PROJ_ATOMS = {
 
 def index_values(name: str, values: torch.Tensor) -> torch.Tensor:
     """One projection's per-element ``values`` summed over the axis that is not
-    its atom's: one value per row (per column for o_proj and down_proj)."""
+    its atom's: one value per row (per column for o_proj and down_proj); a bias
+    is one value per row already. Leading batch dimensions are kept."""
+    if name.endswith("_bias"):
+        return values
     _, axis = PROJ_ATOMS[name]
-    return values if values.dim() == 1 else values.sum(1 - axis)
+    return values.sum(-1 if axis == 0 else -2)
 
 
 def atoms_of_index(name: str, per_index: torch.Tensor, head_dim: int):
