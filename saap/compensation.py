@@ -260,20 +260,71 @@ def _kept_inputs(entry, which: str, head_dim: int) -> torch.Tensor:
     return head_rows(entry.kept_heads, head_dim)
 
 
+class _MLPProbe(nn.Module):
+    """Stands in for a pruned layer's MLP for one pass: runs the dense layer's MLP
+    on the MLP input, keeps its down_proj's full input and output, and returns
+    zeros, so that the layer returns its residual stream before the MLP."""
+
+    def __init__(self, dense_mlp: nn.Module) -> None:
+        super().__init__()
+        self.dense_mlp = dense_mlp
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.x, self.y = _capture(
+            self.dense_mlp, hidden, {}, self.dense_mlp.down_proj, output=True
+        )
+        return torch.zeros_like(hidden)
+
+
 class _Stream:
     """Hidden states of the dense and the pruned model entering the current
-    layer, for one set of windows."""
+    layer, for one set of windows.
+
+    Where a layer's down_proj is refitted, the pruned layer runs once with the
+    dense MLP in place of its own (:class:`_MLPProbe`): that gives the residual
+    stream before the MLP, the dense down_proj's full input (whose kept channels
+    are the pruned down_proj's input: the kept rows of gate_proj and up_proj are
+    the dense ones) and its output. After the refit, the layer's output is that
+    residual plus the refitted down_proj of the kept channels: the decoder
+    layers of the LLaMA family add the MLP's output to the residual stream last.
+    """
 
     def __init__(self, dense: nn.Module, pruned: nn.Module, windows, track_dense):
         self.h_pruned, self.kw_pruned = first_layer_inputs(pruned, windows)
         self.track_dense = track_dense
         if track_dense:
             self.h_dense, self.kw_dense = first_layer_inputs(dense, windows)
+        # after a probe of the current layer: the residual before its MLP and
+        # the pruned down_proj's input
+        self.h_mid: torch.Tensor | None = None
+        self.down_input: torch.Tensor | None = None
+
+    def _probe_mlp(self, layer, dense_layer):
+        probe = _MLPProbe(dense_layer.mlp)
+        own = layer.mlp
+        layer.mlp = probe
+        try:
+            self.h_mid = _run_layer(layer, self.h_pruned, self.kw_pruned)
+        finally:
+            layer.mlp = own
+        return probe.x, probe.y
 
     def fit_data(self, target, which, dense_layer, layer, kept):
         """``(x, y)``: the pruned projection's inputs and the target outputs."""
         name = "self_attn.o_proj" if which == "o" else "mlp.down_proj"
         reference = dense_layer.get_submodule(name)
+        if which == "down":
+            # the MLP's channels on the MLP input that the pruned (refitted)
+            # attention gives
+            x_full, y = self._probe_mlp(layer, dense_layer)
+            self.down_input = x_full[..., kept]
+            if target == "dense":
+                _, y = _projection_io(
+                    dense_layer, self.h_dense, self.kw_dense, reference
+                )
+            return self.down_input.reshape(-1, len(kept)), y.reshape(-1, y.shape[-1])
         if target == "dense":
             _, y = _projection_io(dense_layer, self.h_dense, self.kw_dense, reference)
             x, _ = _projection_io(
@@ -281,21 +332,21 @@ class _Stream:
             )
             return x, y
         # the dense projection's full input from the pruned hidden states:
-        # attention of all heads on this layer's input, or the MLP's channels on
-        # the MLP input that the pruned (refitted) attention gives
-        if which == "o":
-            x_full, y = _projection_io(
-                dense_layer, self.h_pruned, self.kw_pruned, reference
-            )
-        else:
-            h_mlp = _module_input(layer, self.h_pruned, self.kw_pruned, layer.mlp)
-            x_full, y = _projection_io(dense_layer.mlp, h_mlp, {}, reference)
+        # attention of all heads on this layer's input
+        x_full, y = _projection_io(
+            dense_layer, self.h_pruned, self.kw_pruned, reference
+        )
         return x_full[:, kept], y
 
     def advance(self, dense_layer, layer) -> None:
         if self.track_dense:
             self.h_dense = _run_layer(dense_layer, self.h_dense, self.kw_dense)
-        if layer is not None:
+        if layer is None:
+            return
+        if self.down_input is not None:
+            self.h_pruned = self.h_mid + layer.mlp.down_proj(self.down_input)
+            self.h_mid = self.down_input = None
+        else:
             self.h_pruned = _run_layer(layer, self.h_pruned, self.kw_pruned)
 
 

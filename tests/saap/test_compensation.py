@@ -322,3 +322,62 @@ def test_reconstruction_error_from_moments_is_the_error_over_tokens():
     w, b = solution[:-1].T, solution[-1]
     direct = float((x @ w.T + b - y).square().sum())
     assert moment_error(w, b, *moments) == pytest.approx(direct, rel=1e-8)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_sequential_refit_fits_on_what_the_refitted_model_feeds(
+    tiny_model_dir, windows, attention
+):
+    """The refit carries the pruned hidden states layer by layer without running
+    each layer twice (the layer's residual before the MLP plus the refitted
+    down_proj of the kept channels): a fresh forward of the refitted model gives
+    every refitted projection the very inputs it was fitted on, so its
+    reconstruction error there is the one the refit reported."""
+    model, _ = load_model(tiny_model_dir)
+    plan, _ = flap_plan(
+        model, windows, prune_attention=attention, least_squares=True, ridge=1e-2
+    )
+    plan.least_squares, plan.least_squares_inputs = True, "pruned"
+    pruned = prune_model(model, plan, bias_for_cut=True)
+    report = sequential_refit(model, pruned, plan, windows, 1e-2, "self")
+    assert {r["projection"] for r in report} == (
+        {"o", "down"} if attention else {"down"}
+    )
+    fresh = {
+        # the attention's input: the output of the layer's first norm
+        "o": hooked(pruned, windows, "input_layernorm", output=True),
+        "down": mlp_inputs(pruned, windows),
+    }
+    # pruned layer i is dense layer plan.layers[...]: no layer is removed here
+    assert not any(e.removed for e in plan.layers)
+    for row in report:
+        index, which = row["layer"], row["projection"]
+        dense_layer, layer = model.model.layers[index], pruned.model.layers[index]
+        with torch.no_grad():
+            if which == "down":
+                mlp, h = dense_layer.mlp, fresh["down"][index]
+                full = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+                target = mlp.down_proj(full)
+                x = full[:, torch.as_tensor(plan.layers[index].kept_channels)]
+                out = layer.mlp.down_proj(x)
+            else:
+                # the dense attention's output on the pruned layer's input
+                # against the refitted (kept heads') attention's
+                kwargs = _layer_kwargs(model, windows)
+                h = fresh["o"][index][1].reshape(*windows.shape, -1)
+                target = dense_layer.self_attn(hidden_states=h, **kwargs)[0]
+                out = layer.self_attn(hidden_states=h, **kwargs)[0]
+                target, out = target.flatten(0, 1), out.flatten(0, 1)
+        error = float((out.double() - target.double()).square().sum())
+        scale = float(target.double().square().sum())
+        assert error / scale == pytest.approx(row["error_after"], rel=1e-3, abs=1e-7), (
+            row
+        )
+
+
+def _layer_kwargs(model, windows):
+    """Keyword arguments the model passes to its decoder layers (positions,
+    rotary embeddings, mask)."""
+    from saap.compensation import first_layer_inputs
+
+    return first_layer_inputs(model, windows)[1]
