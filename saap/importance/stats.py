@@ -46,7 +46,6 @@ from saap.errors import PruningError
 from saap.importance.taylor import (
     IndexFn,
     add_atoms,
-    atoms_of_index,
     element1_index,
     groups_from_atoms,
 )
@@ -288,10 +287,11 @@ def _window_terms(
     num_samples: int,
     jackknife: Mapping[str, IndexFn],
     want_fisher: bool,
-) -> dict[str, tuple[str, torch.Tensor]]:
+) -> dict[str, torch.Tensor]:
     """What one window's gradient ``grad`` of the projection ``name`` adds: its
-    square to the Fisher diagonal, and the leave-this-window-out atom sums of
-    every jackknifed metric (``total``: the gradient sum over all windows)."""
+    square to the Fisher diagonal, and the leave-this-window-out per-row
+    saliences of every jackknifed metric (``total``: the gradient sum over all
+    windows)."""
     if want_fisher:
         if name in stats.fisher:
             stats.fisher[name].addcmul_(grad, grad)
@@ -301,10 +301,8 @@ def _window_terms(
         return {}
     # the mean gradient of every window but this one
     loo = (total - grad).div_(num_samples - 1)
-    head_dim = stats.shape.head_dim
     return {
-        metric: atoms_of_index(name, index_fn(name, weight, loo), head_dim)
-        for metric, index_fn in jackknife.items()
+        metric: index_fn(name, weight, loo) for metric, index_fn in jackknife.items()
     }
 
 
@@ -321,14 +319,14 @@ def _sample_hook(
     # the gradient sum over all windows, formed once
     total = mean_grad * num_samples if jackknife else None
     weight = weight.detach()
+    head_dim = stats.shape.head_dim
 
     def hook(grad: torch.Tensor) -> None:
         terms = _window_terms(
             stats, name, weight, grad, total, num_samples, jackknife, want_fisher
         )
-        for metric, (atom, sums) in terms.items():
-            slot = stats.loo_atoms[metric][-1]
-            slot[atom] = slot[atom] + sums if atom in slot else sums
+        for metric, per_index in terms.items():
+            add_atoms(stats.loo_atoms[metric][-1], name, per_index, head_dim)
 
     return hook
 
@@ -643,9 +641,8 @@ def _stored_per_window(
                     jackknife,
                     want_fisher,
                 )
-                for metric, (atom, sums) in terms.items():
-                    slot = stats.loo_atoms[metric][i]
-                    slot[atom] = slot[atom] + sums if atom in slot else sums
+                for metric, per_index in terms.items():
+                    add_atoms(stats.loo_atoms[metric][i], name, per_index, head_dim)
         mean_grads.append(means)
         # input moments per window (float64, one window at a time), and their
         # sums over windows
