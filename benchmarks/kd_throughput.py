@@ -10,9 +10,11 @@ interleaved round by round so that machine drift hits all alike. ``default`` is
 the Trainer's step: output projections and loss in row chunks
 (``saap.distill.chunked_kd_loss``); ``full_logits`` forms both models' whole
 logits and calls ``kd_loss`` on them (the step before the chunked loss). The
-cached variants use the recovery's own top-k targets and loss
-(``finetune.kd_topk``), held in memory. Then a torch.profiler table of one step
-of the default variant.
+cached variants use the recovery's own top-k targets (``finetune.kd_topk``),
+held in memory, and its loss in row chunks
+(``saap.distill.cached_distillation_loss``); ``cached_topk_whole_logits`` the
+same loss on the student's whole logits (the cached step before). Then a
+torch.profiler table of one step of the default variant.
 
 Usage (after ``dvc repro prune``)::
 
@@ -32,6 +34,7 @@ import torch
 
 from saap.comparison import seed_ratio
 from saap.distill import (
+    cached_distillation_loss,
     distillation_loss,
     kd_loss,
     teacher_targets,
@@ -58,8 +61,15 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
     if name == "default":  # the Trainer's own loss
         loss, _ = distillation_loss(student, teacher, batch, 1.0, 1.0, lambda: autocast)
     elif name == "cached_topk":
-        # finetune.kd_topk with its cache filled: no teacher forward, the KL
-        # over the teacher's top-k tokens plus its tail mass
+        # finetune.kd_topk with its cache filled, as the Trainer does it: no
+        # teacher forward, the KL over the teacher's top-k tokens plus its tail
+        # mass, the student's output projection and loss in row chunks
+        targets = CACHE[batch.data_ptr()]
+        loss, _ = cached_distillation_loss(
+            student, batch, targets.logp, targets.index, 1.0, 1.0, lambda: autocast
+        )
+    elif name == "cached_topk_whole_logits":
+        # the same loss on the student's whole logits (the step before)
         with autocast:
             s_logits = student(input_ids=batch).logits
         targets = CACHE[batch.data_ptr()]
@@ -107,6 +117,7 @@ def main() -> None:
         "full_logits",
         "frozen_embeddings",
         "cached_topk",
+        "cached_topk_whole_logits",
         "frozen+cached",
     ]
     models = {}

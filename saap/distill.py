@@ -130,15 +130,16 @@ KD_CHUNK_ROWS = 128
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """Output projection + :func:`kd_loss` in row chunks (see
+    """Output projection + a distillation loss in row chunks (see
     :func:`chunked_kd_loss`); the forward pass keeps the loss's gradient with
     respect to the logits, in the compute dtype, for the backward pass's two
-    matmuls."""
+    matmuls. ``teacher`` is ``("logits", hidden, weight)`` or ``("topk", logp,
+    index)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, temperature, alpha):
+    def forward(ctx, hidden, weight, kind, t_a, t_b, labels, temperature, alpha):
         loss, kl, saved = _chunked_kd(
-            hidden, weight, t_hidden, t_weight, labels, temperature, alpha, True
+            hidden, weight, (kind, t_a, t_b), labels, temperature, alpha, True
         )
         ctx.save_for_backward(*saved)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -154,12 +155,54 @@ class _ChunkedKD(torch.autograd.Function):
             grad_hidden = (g @ w).to(ctx.dtypes[0]).mul_(scale)
         if ctx.needs_input_grad[1]:
             grad_weight = (g.T @ h).to(ctx.dtypes[1]).mul_(scale)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _chunked_kd(
-    hidden, weight, t_hidden, t_weight, labels, temperature, alpha, want_grad
-):
+def _teacher_logits_term(t_hidden, t_weight, scaled):
+    """Per chunk: the KL to the teacher's full distribution (sum over rows) and,
+    where wanted, its gradient with respect to the student's scaled logits,
+    ``softmax(z/T) - softmax(zt/T)``; ``ls`` (the student's log-softmax) is
+    used up."""
+
+    def term(rows, ls, want_grad):
+        lt = torch.log_softmax(scaled(t_hidden[rows] @ t_weight.T), -1)
+        pt = lt.exp()
+        kl = (pt * (lt - ls)).sum().double()
+        return kl, ls.exp_().sub_(pt) if want_grad else None
+
+    return term
+
+
+def _teacher_topk_term(logp, index):
+    """Per chunk: :func:`topk_kd_loss`'s KL over the teacher's top-k tokens and
+    the tail (sum over rows) and, where wanted, its gradient with respect to the
+    student's scaled logits: with ``p`` the student's probabilities, ``pt`` the
+    teacher's top-k ones, ``P`` and ``S`` their sums over the k tokens and
+    ``c`` the ratio of the tails (0 where the student's tail is at its floor),
+    ``p (P - c S) + [token in top-k] (c p - pt)``; ``ls`` is used up."""
+
+    def term(rows, ls, want_grad):
+        lt, idx = logp[rows].float(), index[rows].long()
+        pt = lt.exp()
+        ls_k = ls.gather(-1, idx)
+        p_k = ls_k.exp()
+        teacher_mass, student_mass = pt.sum(-1), p_k.sum(-1)
+        tail_t = (1 - teacher_mass).clamp_min(TAIL_FLOOR)
+        tail_s_raw = 1 - student_mass
+        tail_s = tail_s_raw.clamp_min(TAIL_FLOOR)
+        head = (pt * (lt - ls_k)).sum(-1)
+        kl = (head + tail_t * (tail_t.log() - tail_s.log())).sum().double()
+        if not want_grad:
+            return kl, None
+        c = torch.where(tail_s_raw > TAIL_FLOOR, tail_t / tail_s, 0.0)
+        grad = ls.exp_().mul_((teacher_mass - c * student_mass).unsqueeze(-1))
+        grad.scatter_add_(-1, idx, c.unsqueeze(-1) * p_k - pt)
+        return kl, grad
+
+    return term
+
+
+def _chunked_kd(hidden, weight, teacher, labels, temperature, alpha, want_grad):
     """(loss, kl, [grad wrt the logits, hidden, weight] in the compute dtype, or
     [] without ``want_grad``)."""
     n = hidden.shape[0]
@@ -174,8 +217,12 @@ def _chunked_kd(
         return logits if temperature == 1.0 else logits / temperature
 
     with torch.autocast("cpu", enabled=False):
-        w, tw = weight.to(dtype), t_weight.to(dtype)
-        h_all, th_all = hidden.to(dtype), t_hidden.to(dtype)
+        w, h_all = weight.to(dtype), hidden.to(dtype)
+        kind, t_a, t_b = teacher
+        if kind == "logits":
+            term = _teacher_logits_term(t_a.to(dtype), t_b.to(dtype), scaled)
+        else:
+            term = _teacher_topk_term(t_a.reshape(n, -1), t_b.reshape(n, -1))
         grad_logits = torch.empty(n, w.shape[0], dtype=dtype) if want_grad else None
         kl_sum = torch.zeros((), dtype=torch.float64)
         ce_sum = torch.zeros((), dtype=torch.float64)
@@ -183,9 +230,6 @@ def _chunked_kd(
             rows = slice(start, min(start + KD_CHUNK_ROWS, n))
             z = h_all[rows] @ w.T
             ls = torch.log_softmax(scaled(z), -1)
-            lt = torch.log_softmax(scaled(th_all[rows] @ tw.T), -1)
-            pt = lt.exp()
-            kl_sum += (pt * (lt - ls)).sum().double()
             p1 = None
             if alpha < 1.0:
                 l1 = ls if temperature == 1.0 else torch.log_softmax(z.float(), -1)
@@ -195,10 +239,14 @@ def _chunked_kd(
                     # d/dz of (1 - alpha) * CE / n: softmax(z) - onehot
                     p1 = l1.exp()
                     p1.scatter_add_(-1, target, torch.full(target.shape, -1.0))
+            # the KL's sum over the chunk's rows and, with want_grad, its
+            # gradient with respect to z / T (ls is used up)
+            kl_part, grad = term(rows, ls, want_grad)
+            kl_sum += kl_part
             if not want_grad:
                 continue
-            # d/dz of alpha * T^2 * KL(softmax(zt/T) || softmax(z/T)) / n
-            grad = ls.exp_().sub_(pt).mul_(alpha * temperature / n)
+            # d/dz of alpha * T^2 * KL / n
+            grad.mul_(alpha * temperature / n)
             if p1 is not None:
                 grad.add_(p1, alpha=(1.0 - alpha) / n)
             grad_logits[rows] = grad
@@ -206,6 +254,18 @@ def _chunked_kd(
         loss = alpha * kl + (1 - alpha) * (ce_sum / n).float() if alpha < 1.0 else kl
     saved = [grad_logits, h_all, w] if want_grad else []
     return loss, kl.clone(), saved
+
+
+def _chunked(hidden, weight, teacher, labels, temperature, alpha):
+    if alpha < 1.0 and labels is None:
+        raise ValueError("kd_alpha < 1 mixes in the LM loss: labels are needed")
+    labels = labels.reshape(-1) if labels is not None else None
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedKD.apply(hidden, weight, *teacher, labels, temperature, alpha)
+    loss, kl, _ = _chunked_kd(
+        hidden, weight, teacher, labels, temperature, alpha, want_grad=False
+    )
+    return loss, kl
 
 
 def chunked_kd_loss(
@@ -232,24 +292,26 @@ def chunked_kd_loss(
     about a dozen float32 ``(N, V)`` tensors per step (1,020 x 49,152 is 200 MB
     each), which on 2 CPU cores costs more than the projection's matmuls.
     """
-    if alpha < 1.0 and labels is None:
-        raise ValueError("kd_alpha < 1 mixes in the LM loss: labels are needed")
-    labels = labels.reshape(-1) if labels is not None else None
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedKD.apply(
-            hidden, weight, teacher_hidden, teacher_weight, labels, temperature, alpha
-        )
-    loss, kl, _ = _chunked_kd(
-        hidden,
-        weight,
-        teacher_hidden,
-        teacher_weight,
-        labels,
-        temperature,
-        alpha,
-        want_grad=False,
-    )
-    return loss, kl
+    teacher = ("logits", teacher_hidden, teacher_weight)
+    return _chunked(hidden, weight, teacher, labels, temperature, alpha)
+
+
+def chunked_topk_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_index: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_kd_loss` from the student's final hidden states ``(N, H)``
+    and output projection ``(V, H)`` against the cached top-k targets
+    (``(N, k)`` log-probabilities and token ids), in row chunks as
+    :func:`chunked_kd_loss`: the student's ``(N, V)`` logits never exist
+    whole."""
+    teacher = ("topk", teacher_logp, teacher_index)
+    return _chunked(hidden, weight, teacher, labels, temperature, alpha)
 
 
 def distillation_loss(
@@ -279,6 +341,34 @@ def distillation_loss(
             head.weight,
             t_hidden.reshape(-1, t_hidden.shape[-1]),
             t_head.weight,
+            ids[:, 1:],
+            temperature,
+            alpha,
+        )
+
+
+def cached_distillation_loss(
+    student,
+    ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_index: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    autocast=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, KL) of the ``kd`` recovery's step against cached top-k teacher
+    targets (``finetune.kd_topk``, :func:`teacher_targets`, ``(B, T - 1, k)``
+    each): the student's final hidden states under ``autocast()``, then
+    :func:`chunked_topk_kd_loss` on its output projection."""
+    decoder, head = decoder_and_head(student, required=True)
+    with autocast():
+        hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+        k = teacher_logp.shape[-1]
+        return chunked_topk_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            teacher_logp.reshape(-1, k),
+            teacher_index.reshape(-1, k),
             ids[:, 1:],
             temperature,
             alpha,
@@ -482,16 +572,16 @@ def distill_trainer_class():
         ):
             ids = inputs["input_ids"]
             if "teacher_logp" in inputs:  # cached top-k targets: no teacher pass
-                outputs = model(input_ids=ids)
-                loss, _ = topk_kd_loss(
-                    outputs.logits[:, :-1],
+                loss, kl = cached_distillation_loss(
+                    model,
+                    ids,
                     inputs["teacher_logp"],
                     inputs["teacher_index"],
-                    ids[:, 1:],
                     self.temperature,
                     self.alpha,
+                    self.accelerator.autocast,
                 )
-                return (loss, outputs) if return_outputs else loss
+                return (loss, {"kl": kl}) if return_outputs else loss
             loss, kl = distillation_loss(
                 model,
                 self.teacher,

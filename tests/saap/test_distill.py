@@ -13,6 +13,7 @@ from saap.data import evaluation_documents
 from saap.distill import (
     block_loss,
     chunked_kd_loss,
+    chunked_topk_kd_loss,
     decontaminate,
     kd_loss,
     pack,
@@ -164,6 +165,48 @@ def test_chunked_kd_loss_equals_the_full_logit_loss_and_its_gradients(
         )
     assert float(loss) == pytest.approx(full[0], rel=1e-5)
     assert not loss.requires_grad
+
+
+@pytest.mark.parametrize(
+    "temperature,alpha", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.25), (2.0, 0.5)]
+)
+@pytest.mark.parametrize("k", [1, 4, 13])
+def test_chunked_topk_kd_loss_equals_the_whole_logit_topk_loss_and_its_gradients(
+    monkeypatch, temperature, alpha, k
+):
+    """The cached-targets loss in row chunks, with its gradient written out by
+    hand, against :func:`topk_kd_loss` on whole logits under autograd; k = 13
+    is the whole vocabulary (the student's tail at its floor)."""
+    monkeypatch.setattr("saap.distill.KD_CHUNK_ROWS", 4)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    teacher = torch.randn(10, 13, generator=g, dtype=torch.float64) * 2
+    logp, index = (teacher / temperature).log_softmax(-1).topk(k, dim=-1)
+    labels = torch.randint(0, 13, (10,), generator=g)
+    grads = {}
+    for name in ("whole", "chunked"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        if name == "whole":
+            loss, kl = topk_kd_loss(h @ w.T, logp, index, labels, temperature, alpha)
+        else:
+            loss, kl = chunked_topk_kd_loss(
+                h, w, logp, index, labels, temperature, alpha
+            )
+        (loss * 3).backward()
+        grads[name] = (float(loss.detach()), float(kl.detach()), h.grad, w.grad)
+    whole, chunked = grads["whole"], grads["chunked"]
+    # both form float32 softmaxes: equal to float32 rounding
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    assert chunked[1] == pytest.approx(whole[1], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(chunked[3], whole[3], rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        loss, _ = chunked_topk_kd_loss(
+            hidden, weight, logp, index, labels, temperature, alpha
+        )
+    assert float(loss) == pytest.approx(whole[0], rel=1e-5)
 
 
 def test_chunked_kd_loss_needs_labels_to_mix_in_the_lm_loss():
