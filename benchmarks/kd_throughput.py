@@ -191,6 +191,14 @@ def main() -> None:
         else:
             versus = f"{mean / statistics.mean(timings['default']):.2f}x (1 round)"
         lines.append(f"| {name} | {rounds} | {mean:.0f} | {versus} |")
+    if args.rounds >= 2:
+        ratio = seed_ratio(timings["cached_topk"], timings["cached_topk_whole_logits"])
+        lines += [
+            "",
+            "The cached step in row chunks against the same loss on whole logits, "
+            f"paired by round: {ratio.value:.2f}x [{ratio.lower:.2f}, "
+            f"{ratio.upper:.2f}].",
+        ]
     lines += [
         "",
         "Profile of one default step (self CPU time):",
