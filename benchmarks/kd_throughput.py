@@ -11,9 +11,9 @@ the Trainer's step: output projections and loss in row chunks
 (``saap.distill.chunked_kd_loss``); ``full_logits`` forms both models' whole
 logits and calls ``kd_loss`` on them (the step before the chunked loss). The
 cached variants use the recovery's own top-k targets (``finetune.kd_topk``),
-held in memory, and its loss in row chunks
-(``saap.distill.cached_distillation_loss``); ``cached_topk_whole_logits`` the
-same loss on the student's whole logits (the cached step before). Then a
+held in memory, and its loss in row chunks (``saap.distill.distillation_loss``
+with ``teacher_topk``); ``cached_topk_whole_logits`` the same loss on the
+student's whole logits (the cached step before). Then a
 torch.profiler table of one step of the default variant.
 
 Usage (after ``dvc repro prune``)::
@@ -34,7 +34,6 @@ import torch
 
 from saap.comparison import seed_ratio
 from saap.distill import (
-    cached_distillation_loss,
     distillation_loss,
     kd_loss,
     teacher_targets,
@@ -65,8 +64,14 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
         # teacher forward, the KL over the teacher's top-k tokens plus its tail
         # mass, the student's output projection and loss in row chunks
         targets = CACHE[batch.data_ptr()]
-        loss, _ = cached_distillation_loss(
-            student, batch, targets.logp, targets.index, 1.0, 1.0, lambda: autocast
+        loss, _ = distillation_loss(
+            student,
+            teacher,
+            batch,
+            1.0,
+            1.0,
+            lambda: autocast,
+            teacher_topk=(targets.logp, targets.index),
         )
     elif name == "cached_topk_whole_logits":
         # the same loss on the student's whole logits (the step before)

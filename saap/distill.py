@@ -322,53 +322,45 @@ def distillation_loss(
     alpha: float,
     autocast=contextlib.nullcontext,
     teacher_hidden: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, KL) of the ``kd`` recovery's step on token windows ``ids``: both
-    models' final hidden states (the teacher's without gradients, the
-    student's under ``autocast()``), then :func:`chunked_kd_loss` on their
-    output projections, so the ``(B, T, V)`` logits never exist whole.
-    ``teacher_hidden`` (:func:`teacher_final_hidden` of the same ``ids``)
-    replaces the teacher's pass."""
+    """(loss, KL) of the ``kd`` recovery's step on token windows ``ids``: the
+    student's final hidden states under ``autocast()``, then the loss on its
+    output projection in row chunks, so the ``(B, T, V)`` logits never exist
+    whole. The teacher is one of:
+
+    - ``teacher_topk``: cached top-k targets (``finetune.kd_topk``,
+      :func:`teacher_targets`: log-probabilities and token ids, ``(B, T - 1,
+      k)`` each), :func:`chunked_topk_kd_loss`, no teacher pass;
+    - ``teacher_hidden``: its final hidden states of the same ``ids``
+      (:func:`teacher_final_hidden`), :func:`chunked_kd_loss` with its output
+      projection;
+    - neither: its final hidden states computed here, without gradients."""
     decoder, head = decoder_and_head(student, required=True)
-    t_head = decoder_and_head(teacher, required=True)[1]
-    t_hidden = (
-        teacher_final_hidden(teacher, ids) if teacher_hidden is None else teacher_hidden
-    )
+    if teacher_topk is None:
+        t_head = decoder_and_head(teacher, required=True)[1]
+        if teacher_hidden is None:
+            teacher_hidden = teacher_final_hidden(teacher, ids)
     with autocast():
         hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if teacher_topk is not None:
+            logp, index = teacher_topk
+            k = logp.shape[-1]
+            return chunked_topk_kd_loss(
+                hidden,
+                head.weight,
+                logp.reshape(-1, k),
+                index.reshape(-1, k),
+                ids[:, 1:],
+                temperature,
+                alpha,
+            )
         return chunked_kd_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
+            hidden,
             head.weight,
-            t_hidden.reshape(-1, t_hidden.shape[-1]),
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
             t_head.weight,
-            ids[:, 1:],
-            temperature,
-            alpha,
-        )
-
-
-def cached_distillation_loss(
-    student,
-    ids: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    teacher_index: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    autocast=contextlib.nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, KL) of the ``kd`` recovery's step against cached top-k teacher
-    targets (``finetune.kd_topk``, :func:`teacher_targets`, ``(B, T - 1, k)``
-    each): the student's final hidden states under ``autocast()``, then
-    :func:`chunked_topk_kd_loss` on its output projection."""
-    decoder, head = decoder_and_head(student, required=True)
-    with autocast():
-        hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
-        k = teacher_logp.shape[-1]
-        return chunked_topk_kd_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            head.weight,
-            teacher_logp.reshape(-1, k),
-            teacher_index.reshape(-1, k),
             ids[:, 1:],
             temperature,
             alpha,
@@ -571,17 +563,12 @@ def distill_trainer_class():
             self, model, inputs, return_outputs=False, num_items_in_batch=None
         ):
             ids = inputs["input_ids"]
-            if "teacher_logp" in inputs:  # cached top-k targets: no teacher pass
-                loss, kl = cached_distillation_loss(
-                    model,
-                    ids,
-                    inputs["teacher_logp"],
-                    inputs["teacher_index"],
-                    self.temperature,
-                    self.alpha,
-                    self.accelerator.autocast,
-                )
-                return (loss, {"kl": kl}) if return_outputs else loss
+            # cached top-k targets where the data set has them: no teacher pass
+            topk = (
+                (inputs["teacher_logp"], inputs["teacher_index"])
+                if "teacher_logp" in inputs
+                else None
+            )
             loss, kl = distillation_loss(
                 model,
                 self.teacher,
@@ -590,6 +577,7 @@ def distill_trainer_class():
                 self.alpha,
                 self.accelerator.autocast,
                 teacher_hidden=inputs.get("teacher_hidden"),
+                teacher_topk=topk,
             )
             return (loss, {"kl": kl}) if return_outputs else loss
 
