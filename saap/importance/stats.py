@@ -35,6 +35,7 @@ not fit in memory). Either way:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -430,6 +431,7 @@ def collect_statistics(
             weights,
             jackknife,
             want_fisher,
+            _window_buffer_size(model, windows),
         )
     else:
         grads = []
@@ -488,7 +490,9 @@ _INPUT_OF = {
 
 def stored_bytes(model: nn.Module, windows: torch.Tensor) -> int:
     """Bytes the stored per-window mode keeps: every projection's input (shared
-    ones once) and output gradient, float32, for every calibration token."""
+    ones once) and output gradient, float32, for every calibration token; and
+    the per-window gradients of one projection at a time (windows x its
+    largest weight, :func:`_window_buffer`)."""
     per_token = 0
     for layer in decoder_layers(model):
         modules = projection_modules(layer)
@@ -497,7 +501,17 @@ def stored_bytes(model: nn.Module, windows: torch.Tensor) -> int:
         }
         per_token += sum(inputs.values())
         per_token += sum(module.out_features for module in modules.values())
-    return per_token * int(windows.numel()) * 4
+    return (per_token * int(windows.numel()) + _window_buffer_size(model, windows)) * 4
+
+
+def _window_buffer_size(model: nn.Module, windows: torch.Tensor) -> int:
+    """Elements of the per-window gradients of the largest projection."""
+    largest = max(
+        module.weight.numel()
+        for layer in decoder_layers(model)
+        for module in projection_modules(layer).values()
+    )
+    return windows.shape[0] * largest
 
 
 def available_bytes() -> int | None:
@@ -585,6 +599,7 @@ def _stored_per_window(
     weights: list[dict[str, torch.Tensor]],
     jackknife: dict[str, IndexFn],
     want_fisher: bool,
+    buffer_size: int,
 ) -> list[dict[str, torch.Tensor]]:
     """Every gradient from the first pass's kept activations, layer by layer:
     each window's own (``N * dY_i^T X_i``, one batched product per batch),
@@ -592,9 +607,9 @@ def _stored_per_window(
     the input moments, and what each window's gradient adds
     (:func:`_window_terms`, one window at a time: its tensors stay in cache)."""
     mean_grads = []
-    # one reused output per shape: a fresh (windows, out, in) tensor per
-    # projection would be paged in anew every time
-    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+    # one reused output for every projection (the largest's size): a fresh
+    # (windows, out, in) tensor per projection would be paged in anew each time
+    buffer = torch.empty(buffer_size)
     for record, stats, layer_weights in zip(records, layer_stats, weights, strict=True):
         inputs, out_grads = record.take()
         batch_sizes = [x.shape[0] for x in inputs["attn"]]
@@ -614,9 +629,7 @@ def _stored_per_window(
             else:
                 xs = inputs[_INPUT_OF[name]]
                 shape = (num_samples, d_outs[0].shape[-1], xs[0].shape[-1])
-                if shape not in buffers:
-                    buffers[shape] = torch.empty(shape)
-                per_window = buffers[shape]
+                per_window = buffer[: math.prod(shape)].view(shape)
                 for d_out, x, out in zip(
                     d_outs, xs, per_window.split(batch_sizes), strict=True
                 ):

@@ -155,7 +155,9 @@ def test_stored_mode_refuses_when_the_activations_do_not_fit(
     model, _ = load_model(tiny_model_dir)
     need = stats_module.stored_bytes(model, windows)
     # 4 layers x (64*3 + 128 inputs + 64*2 + 32*2 + 128*2 + 64 outputs) floats
-    assert need == 4 * (64 * 3 + 128 + 64 * 2 + 32 * 2 + 128 * 2 + 64) * 8 * 32 * 4
+    # per token, and 8 windows' gradients of the largest projection (128 x 64)
+    activations = 4 * (64 * 3 + 128 + 64 * 2 + 32 * 2 + 128 * 2 + 64) * 8 * 32
+    assert need == (activations + 8 * 128 * 64) * 4
     monkeypatch.setattr(stats_module, "available_bytes", lambda: need)
     with pytest.raises(PruningError, match="importance.per_window: second_pass"):
         _per_window_stats(model, windows, "stored")
