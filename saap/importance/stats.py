@@ -129,6 +129,15 @@ class LayerStats:
         if not jackknifed:
             self.sample_inputs = []
 
+    def total_window_inputs(self) -> None:
+        """The input sums over all tokens from the per-window ones."""
+        windows = self.sample_inputs
+        self.o_in_sum = torch.stack([w["o_sum"] for w in windows]).sum(0)
+        self.o_in_sq = torch.stack([w["o_sq"] for w in windows]).sum(0)
+        self.down_in_sum = torch.stack([w["down_sum"] for w in windows]).sum(0)
+        self.down_in_sq = torch.stack([w["down_sq"] for w in windows]).sum(0)
+        self.tokens = int(sum(float(w["tokens"]) for w in windows))
+
     def add_sample_input(self, which: str, x: torch.Tensor) -> None:
         """Record one window's input sums of o_proj or down_proj (second pass)."""
         x = x.detach().reshape(-1, x.shape[-1]).double()
@@ -613,7 +622,7 @@ def _stored_per_window(
     for record, stats, layer_weights in zip(records, layer_stats, weights, strict=True):
         inputs, out_grads = record.take()
         batch_sizes = [x.shape[0] for x in inputs["attn"]]
-        num_samples, tokens = sum(batch_sizes), inputs["attn"][0].shape[1]
+        num_samples = sum(batch_sizes)
         head_dim = stats.shape.head_dim
         # the first pass weighted each window by 1/N: N dY_i is window i's own
         for d_outs in out_grads.values():
@@ -657,28 +666,18 @@ def _stored_per_window(
                 for metric, per_index in terms.items():
                     add_atoms(stats.loo_atoms[metric][i], name, per_index, head_dim)
         mean_grads.append(means)
-        # input moments per window (float64, one window at a time), and their
-        # sums over windows
-        sample = {}
-        for which in ("o", "down"):
-            sums, squares = [], []
-            for x in (x for batch in inputs[which] for x in batch):
-                x = x.double()
-                sums.append(x.sum(0))
-                squares.append(x.square_().sum(0))
-            sample[f"{which}_sum"] = torch.stack(sums)
-            sample[f"{which}_sq"] = torch.stack(squares)
-        stats.o_in_sum, stats.o_in_sq = sample["o_sum"].sum(0), sample["o_sq"].sum(0)
-        stats.down_in_sum = sample["down_sum"].sum(0)
-        stats.down_in_sq = sample["down_sq"].sum(0)
-        stats.tokens = num_samples * tokens
-        if jackknife:
-            window_tokens = torch.tensor(float(tokens), dtype=torch.float64)
-            stats.sample_inputs = [
-                {key: value[i] for key, value in sample.items()}
-                | {"tokens": window_tokens}
-                for i in range(num_samples)
-            ]
+        # input moments per window (float64, one window at a time, as the
+        # second pass records them), and their sums over windows
+        stats.sample_inputs = []
+        for o_in, down_in in zip(
+            (x for batch in inputs["o"] for x in batch),
+            (x for batch in inputs["down"] for x in batch),
+            strict=True,
+        ):
+            stats.sample_inputs.append({})
+            stats.add_sample_input("o", o_in)
+            stats.add_sample_input("down", down_in)
+        stats.total_window_inputs()
         del inputs, out_grads
         stats.close_windows(num_samples, bool(jackknife))
     return mean_grads
