@@ -94,9 +94,9 @@ class LayerStats:
     influence_sum: float = 0.0
     # per batch: atom -> sum |W*g| (the fluctuation indicator)
     batch_element_atoms: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    # second pass, per window: "o_sum", "o_sq", "down_sum", "down_sq", "tokens"
+    # per window (either mode): "o_sum", "o_sq", "down_sum", "down_sq", "tokens"
     sample_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    # second pass: metric -> per window: atom -> leave-one-out atom sums
+    # per jackknifed metric, per window: atom -> leave-one-out atom sums
     loo_atoms: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def add_input(self, which: str, x: torch.Tensor) -> None:
@@ -139,7 +139,7 @@ class LayerStats:
         self.tokens = int(sum(float(w["tokens"]) for w in windows))
 
     def add_sample_input(self, which: str, x: torch.Tensor) -> None:
-        """Record one window's input sums of o_proj or down_proj (second pass)."""
+        """Record one window's input sums of o_proj or down_proj."""
         x = x.detach().reshape(-1, x.shape[-1]).double()
         slot = self.sample_inputs[-1]
         slot[f"{which}_sum"] = x.sum(0)
