@@ -15,6 +15,7 @@ from saap.errors import DataError
 from saap.importance import CalibrationStats, estimate
 from saap.importance.estimators import (
     ESTIMATORS,
+    jackknife_names,
     jackknife_replicates,
     with_fusion_inputs,
 )
@@ -60,8 +61,8 @@ class ImportanceScores:
                 raise DataError(
                     f"estimator {name!r} fuses {list(metrics)} but the importance "
                     f"scores lack the scores or jackknife replicates of {missing}; "
-                    "add them to importance.estimators (only estimators with "
-                    "replicates can be fused)"
+                    "add them to importance.estimators and importance.jackknife "
+                    "(only estimators with replicates can be fused)"
                 )
             return spec.score(self, metrics)
         if name not in self.scores:
@@ -90,11 +91,15 @@ class ImportanceScores:
 
 
 def scores_from_stats(
-    stats: CalibrationStats, estimators: list[str], seed: int, meta: dict
+    stats: CalibrationStats,
+    estimators: list[str],
+    seed: int,
+    meta: dict,
+    jackknife: list[str] | None = None,
 ) -> ImportanceScores:
     """Run the estimators on collected statistics (the default inputs of derived
     estimators always included), with the jackknife replicates of those that give
-    them (when the per-window pass ran)."""
+    them (when the per-window pass ran), or only of those in ``jackknife``."""
     estimators = with_fusion_inputs(list(estimators))
     return ImportanceScores(
         scores=estimate(stats, list(estimators), seed),
@@ -109,7 +114,9 @@ def scores_from_stats(
         ],
         block_influence=stats.block_influence(),
         meta=meta,
-        replicates=jackknife_replicates(stats, list(estimators)),
+        replicates=jackknife_replicates(
+            stats, jackknife_names(list(estimators), jackknife)
+        ),
     )
 
 

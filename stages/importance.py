@@ -16,9 +16,10 @@ import torch
 
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
-from saap.importance.estimators import collect_for
+from saap.errors import ParamsError
+from saap.importance.estimators import ESTIMATORS, collect_for
 from saap.model import load_model
-from saap.params import ImportanceParams, load_section
+from saap.params import ImportanceParams, PruneParams, load_section
 from saap.scores import ImportanceScores, save_scores, scores_from_stats
 from stages.common import guarded, setup
 
@@ -39,6 +40,7 @@ def compute(
         params.batch_size,
         list(params.estimators),
         per_window=params.per_window,
+        jackknife=params.jackknife,
     )
     meta = {
         "num_layers": len(stats.layers),
@@ -46,6 +48,7 @@ def compute(
         "num_batches": stats.num_batches,
         "jackknife_windows": stats.num_samples,
         "per_window": params.per_window,
+        "jackknife": params.jackknife,
         "num_tokens": stats.num_tokens,
         "calibration_losses": stats.losses,
         "seconds": round(time.perf_counter() - started, 2),
@@ -53,7 +56,24 @@ def compute(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
         ),
     }
-    return scores_from_stats(stats, list(params.estimators), params.seed, meta)
+    return scores_from_stats(
+        stats, list(params.estimators), params.seed, meta, params.jackknife
+    )
+
+
+def check_fusable(params: ImportanceParams, prune: PruneParams) -> None:
+    """Refuse, before any work, an ``importance.jackknife`` that leaves out a
+    metric ``prune.saap_metrics`` fuses (the ranking could not fuse it)."""
+    spec = ESTIMATORS[prune.importance]
+    if not spec.derived or params.jackknife is None:
+        return
+    missing = [m for m in prune.saap_metrics if m not in params.jackknife]
+    if missing:
+        raise ParamsError(
+            f"prune.saap_metrics fuses {missing} but importance.jackknife "
+            f"{params.jackknife} does not compute their replicates; add them to "
+            "importance.jackknife (or set it to null for every estimator)"
+        )
 
 
 @guarded
@@ -66,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "importance")
+    check_fusable(params, load_section(args.params, "prune"))
     scores = compute(params, args.model, args.calibration)
     with atomic_dir(args.out) as tmp:
         save_scores(scores, tmp)

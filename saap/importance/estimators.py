@@ -366,12 +366,15 @@ def collect_for(
     names: list[str],
     progress=True,
     per_window: str = "stored",
+    jackknife: list[str] | None = None,
 ) -> CalibrationStats:
     """Calibration statistics with what the estimators ``names`` need: the
     per-window Fisher diagonal, and the jackknife of every one that gives it
-    (derived estimators' default inputs included); ``per_window`` as in
-    :func:`~saap.importance.stats.collect_statistics`."""
+    (derived estimators' default inputs included), or only of those in
+    ``jackknife`` when given (``importance.jackknife``: what SAAP may fuse);
+    ``per_window`` as in :func:`~saap.importance.stats.collect_statistics`."""
     names = with_fusion_inputs(names)
+    replicated = jackknife_names(names, jackknife)
     return collect_statistics(
         model,
         windows,
@@ -379,7 +382,17 @@ def collect_for(
         want_fisher=any(ESTIMATORS[n].needs_fisher for n in names),
         progress=progress,
         jackknife=(
-            jackknife_functions(names) if any(jackknifed(n) for n in names) else None
+            jackknife_functions(replicated)
+            if any(jackknifed(n) for n in replicated)
+            else None
         ),
         per_window=per_window,
     )
+
+
+def jackknife_names(names: list[str], jackknife: list[str] | None) -> list[str]:
+    """The estimators among ``names`` whose jackknife replicates are computed:
+    those in ``jackknife`` (all of ``names`` when it is None)."""
+    if jackknife is None:
+        return list(names)
+    return [n for n in names if n in jackknife]

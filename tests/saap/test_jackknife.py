@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saap.errors import PruningError
+from saap.errors import DataError, PruningError
 from saap.fusion import jackknife_sigma
 from saap.importance import stats as stats_module
 from saap.importance.estimators import collect_for, jackknifed
@@ -165,3 +165,32 @@ def test_stored_mode_refuses_when_the_activations_do_not_fit(
     assert _per_window_stats(model, windows, "second_pass").num_samples == 8
     with pytest.raises(ValueError, match="'twice' is not known"):
         _per_window_stats(model, windows, "twice")
+
+
+def test_jackknife_list_limits_the_replicates_and_changes_no_score(
+    tiny_model_dir, windows
+):
+    """``importance.jackknife``: replicates of the listed estimators only, equal
+    to those computed with every estimator jackknifed; every score unchanged."""
+    model, _ = load_model(tiny_model_dir)
+    names = ["taylor_vector", "taylor_vector_group", "taylor_element1", "wanda_sp"]
+    every = scores_of(model, windows, names)
+    chosen = ["taylor_element1", "wanda_sp"]
+    stats = collect_for(model, windows, 3, names, progress=False, jackknife=chosen)
+    some = scores_from_stats(stats, names, 0, {}, jackknife=chosen)
+    assert set(every.replicates) == set(names)
+    assert set(some.replicates) == set(chosen)
+    # the per-window pass evaluated no other metric's salience
+    assert set(stats.layers[0].loo_atoms) == {"taylor_element1"}
+    for name in chosen:
+        for got, want in zip(some.replicates[name], every.replicates[name]):
+            for kind in want:
+                assert torch.equal(got[kind], want[kind]), (name, kind)
+    for name in names:
+        for got, want in zip(some.scores[name], every.scores[name]):
+            for kind in want:
+                assert torch.equal(got[kind], want[kind]), (name, kind)
+    # SAAP fuses what was replicated, and names the missing metric otherwise
+    assert some.estimate("saap", chosen)[0]
+    with pytest.raises(DataError, match=r"taylor_vector.*importance\.jackknife"):
+        some.estimate("saap", ["taylor_vector", "wanda_sp"])
