@@ -14,7 +14,10 @@ cached variants use the recovery's own top-k targets (``finetune.kd_topk``),
 held in memory, and its loss in row chunks (``saap.distill.distillation_loss``
 with ``teacher_topk``); ``cached_topk_whole_logits`` the same loss on the
 student's whole logits (the cached step before). Then a
-torch.profiler table of one step of the default variant.
+torch.profiler table of one step of the default variant, and each variant's
+matrix-product FLOPs per step with the tokens/s those products alone would allow
+at the rate the profiled step's own products ran (the ceiling of any change that
+leaves the arithmetic as it is).
 
 Usage (after ``dvc repro prune``)::
 
@@ -95,6 +98,25 @@ def variant_step(name, student, teacher, optimizer, batch, top_k=64):
 
 CACHE: dict = {}
 
+GEMM_EVENTS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def step_flops(run) -> dict[str, float]:
+    """FLOPs of the matrix products of one call of ``run`` (an optimizer step), as
+    torch's counter counts them (it has no formula for the CPU attention kernel,
+    so attention is not in it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    counts = counter.get_flop_counts()["Global"]
+    gemm = sum(
+        v
+        for op, v in counts.items()
+        if str(op) in ("aten.mm", "aten.addmm", "aten.bmm")
+    )
+    return {"gemm": float(gemm)}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -163,7 +185,16 @@ def main() -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step("default", batches[1])
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=15)
+    # what the matrix products alone allow: each variant's GEMM work per step,
+    # at the rate the default step's own products ran in that profile
+    work = {name: step_flops(lambda n=name: step(n, batches[1])) for name in variants}
+    gemm_seconds = (
+        sum(e.self_cpu_time_total for e in averages if e.key in GEMM_EVENTS) / 1e6
+    )
+    rate = work["default"]["gemm"] / gemm_seconds
+    tokens = batches[1].numel()
 
     result = {
         "dtype": str(dtype),
@@ -172,6 +203,8 @@ def main() -> None:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "tokens_per_s": {k: v for k, v in timings.items()},
+        "flops_per_step": work,
+        "gemm_rate_flop_s": rate,
     }
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
@@ -204,6 +237,25 @@ def main() -> None:
             f"paired by round: {ratio.value:.2f}x [{ratio.lower:.2f}, "
             f"{ratio.upper:.2f}].",
         ]
+    lines += [
+        "",
+        "What the matrix products alone allow (everything else free): each "
+        "variant's matrix-product work per step (torch.utils.flop_counter, "
+        f"{tokens} tokens), at the rate the default step's products ran in the "
+        f"profile below ({rate / 1e9:.0f} GFLOP/s: their FLOPs over the self time "
+        "of aten::mm/addmm/bmm). Attention, element-wise work and the optimizer "
+        "are outside it (the counter has no formula for the CPU attention kernel).",
+        "",
+        "| variant | GEMM GFLOP per step | GEMM-only ceiling (tokens/s) "
+        "| measured mean / ceiling |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in variants:
+        ceiling = tokens * rate / work[name]["gemm"]
+        lines.append(
+            f"| {name} | {work[name]['gemm'] / 1e9:.0f} | {ceiling:.0f} | "
+            f"{statistics.mean(timings[name]) / ceiling:.2f} |"
+        )
     lines += [
         "",
         "Profile of one default step (self CPU time):",
