@@ -130,24 +130,9 @@ class ImportanceParams(Section):
         description="Estimators whose leave-one-window-out replicates (their "
         "uncertainty) are computed: only these can be fused by SAAP, so "
         "prune.saap_metrics must be among them. Each gradient estimator's "
-        "replicates cost one salience per window and projection (taylor_vector "
-        "and taylor_vector_group about 3-5 s each on SmolLM2-135M); null: every "
-        "estimator in the list that gives them.",
+        "replicates cost one salience per calibration window and projection; "
+        "null: every estimator in the list that gives them.",
     )
-
-    @model_validator(mode="after")
-    def _jackknife_computed(self) -> ImportanceParams:
-        from saap.importance.estimators import with_fusion_inputs
-
-        computed = with_fusion_inputs(list(self.estimators))
-        stray = [m for m in self.jackknife or [] if m not in computed]
-        if stray:
-            raise ValueError(
-                f"jackknife names {stray}, which importance.estimators does not "
-                f"compute ({list(self.estimators)}); add them to "
-                "importance.estimators or remove them from importance.jackknife"
-            )
-        return self
 
 
 # the allocations that iterative pruning composes (saap/iterative.py)

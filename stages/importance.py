@@ -17,7 +17,7 @@ import torch
 from saap.atomic import atomic_dir
 from saap.calibration import load_calibration
 from saap.errors import ParamsError
-from saap.importance.estimators import ESTIMATORS, collect_for
+from saap.importance.estimators import ESTIMATORS, collect_for, with_fusion_inputs
 from saap.model import load_model
 from saap.params import ImportanceParams, PruneParams, load_section
 from saap.scores import ImportanceScores, save_scores, scores_from_stats
@@ -61,11 +61,21 @@ def compute(
     )
 
 
-def check_fusable(params: ImportanceParams, prune: PruneParams) -> None:
-    """Refuse, before any work, an ``importance.jackknife`` that leaves out a
-    metric ``prune.saap_metrics`` fuses (the ranking could not fuse it)."""
-    spec = ESTIMATORS[prune.importance]
-    if not spec.derived or params.jackknife is None:
+def check_jackknife(params: ImportanceParams, prune: PruneParams) -> None:
+    """Refuse, before any work, an ``importance.jackknife`` that names an
+    estimator the stage does not compute, or leaves out a metric
+    ``prune.saap_metrics`` fuses (the ranking could not fuse it)."""
+    if params.jackknife is None:
+        return
+    computed = with_fusion_inputs(list(params.estimators))
+    stray = [m for m in params.jackknife if m not in computed]
+    if stray:
+        raise ParamsError(
+            f"importance.jackknife names {stray}, which importance.estimators "
+            f"does not compute ({list(params.estimators)}); add them to "
+            "importance.estimators or remove them from importance.jackknife"
+        )
+    if not ESTIMATORS[prune.importance].derived:
         return
     missing = [m for m in prune.saap_metrics if m not in params.jackknife]
     if missing:
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "importance")
-    check_fusable(params, load_section(args.params, "prune"))
+    check_jackknife(params, load_section(args.params, "prune"))
     scores = compute(params, args.model, args.calibration)
     with atomic_dir(args.out) as tmp:
         save_scores(scores, tmp)
