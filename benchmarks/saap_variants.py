@@ -201,6 +201,20 @@ VARIANTS: dict[str, dict] = {
         saap_metrics=["taylor_element1", "flap"],
         prune_attention=False,
     ),
+    # ablation of the 50% default (two steps, the refit between), one part off
+    # at a time: uniform allocation; one score instead of the fusion; bias
+    # compensation or none instead of the refit (the one-step row is "SAAP
+    # element1+wanda_sp, + sequential least squares, ridge chosen")
+    "SAAP element1+wanda_sp, uniform, + sequential least squares, ridge chosen, "
+    "2 steps, refit between": TWO_STEPS | dict(allocation="uniform"),
+    "element1 only, adaptive, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between": TWO_STEPS | dict(importance="taylor_element1"),
+    "Wanda-sp only, adaptive, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between": TWO_STEPS | dict(importance="wanda_sp"),
+    "SAAP element1+wanda_sp, + bias comp., 2 steps, refit between": TWO_STEPS
+    | dict(least_squares=False, bias_compensation=True, ridge_grid=None),
+    "SAAP element1+wanda_sp, no compensation, 2 steps": TWO_STEPS
+    | dict(least_squares=False, ridge_grid=None),
     # measured on the seed's held-back windows (MLP only: not at 50%)
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
