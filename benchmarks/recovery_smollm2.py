@@ -300,9 +300,15 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         "the same windows (95% bootstrap interval; '-' where a row, or the dense "
         "record, predates per-window records).",
         "",
+        "mean score: the zero-shot tasks' mean (acc_norm where the task defines "
+        "it, acc otherwise) on the first `--limit` documents of each task; "
+        "retention: mean score / dense on the same documents, paired bootstrap "
+        "95% interval ('-' where the invocation ran no zero-shot, `--limit 0`).",
+        "",
         "| pruning | ratio | recovery | budget | tokens | PTB | PTB / dense "
-        "| PTB vs kd | Wiki | KL to dense | top-1 | tokens/s | train s | wall s |",
-        "|---|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---:|",
+        "| PTB vs kd | Wiki | KL to dense | top-1 | mean score | retention "
+        "| tokens/s | train s | wall s |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---|---|---:|---|---:|---:|---:|",
     ]
     dense_nll = dense_metrics.get("ptb_nll")
     reference = {
@@ -328,12 +334,15 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
                 ).as_dict(),
                 2,
             )
+        score = "-" if r.get("mean_acc") is None else f"{r['mean_acc']:.3f}"
+        retention = interval(r["retention"]) if r.get("retention") else "-"
         lines.append(
             f"| {r.get('pruning', 'saap')} | {r['ratio']:.0%} | {r['method']} "
             f"| {r['budget']:,} | {r['tokens']:,} "
             f"| {r['ppl']['ptb']:.1f} | {to_dense} | {versus} "
             f"| {r['ppl']['wiki']:.1f} "
-            f"| {interval(r['kl'])} | {interval(r['top1'])} | "
+            f"| {interval(r['kl'])} | {interval(r['top1'])} "
+            f"| {score} | {retention} | "
             f"{speed} | "
             f"{r['train_s']:.0f} | {r.get('wall_s', 0):.0f} |"
         )
