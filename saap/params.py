@@ -638,6 +638,13 @@ class FinetuneParams(Section):
         "set and cached under the download cache, so later runs on the same "
         "windows skip the teacher; null: full logits, teacher run every step.",
     )
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Recovery settings by run profile (the active evaluate.profile): "
+        "finetune keys a profile overrides, e.g. nightly: {max_steps: 977} (about "
+        "1M distillation tokens at batch 4 x 256); a profile not listed runs the "
+        "settings above.",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -658,6 +665,40 @@ class FinetuneParams(Section):
                 f"save_steps: {every * max(1, round(value / every))}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _profiles_override_known_keys(self) -> FinetuneParams:
+        for name in self.profiles:
+            self.resolved(name)
+        return self
+
+    def resolved(self, profile: str | None) -> FinetuneParams:
+        """These settings with ``profiles[profile]`` applied (unchanged for a
+        profile that sets nothing); the result has no profiles of its own."""
+        override = self.profiles.get(profile, {}) if profile is not None else {}
+        if not isinstance(override, dict):
+            raise ValueError(
+                f"profiles.{profile} must map finetune keys to values, e.g. "
+                f"{{max_steps: 977}}; got {override!r}"
+            )
+        known = [k for k in type(self).model_fields if k != "profiles"]
+        for key in override:
+            if key not in known:
+                raise ValueError(
+                    f"profiles.{profile}.{key}: not a finetune key; known keys "
+                    f"are {', '.join(known)}"
+                )
+        base = self.model_dump(exclude={"profiles"})
+        try:
+            return type(self).model_validate(base | override)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"profiles.{profile}.{'.'.join(str(p) for p in err['loc'])}: "
+                f"{err['msg'].removeprefix('Value error, ')} "
+                f"(got {err.get('input')!r})"
+                for err in exc.errors()
+            )
+            raise ValueError(problems) from None
 
 
 class CompareParams(Section):
@@ -766,6 +807,10 @@ def parse_section(name: str, raw: dict[str, Any] | None) -> Section:
             if err["type"] == "extra_forbidden":
                 known = ", ".join(SECTIONS[name].model_fields)
                 problems.append(f"{where}: unknown key; known keys are {known}")
+            elif not err["loc"] and err["type"] == "value_error":
+                # a check across keys: its message names the keys itself
+                message = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{name}.{message}")
             else:
                 problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
         raise ParamsError("invalid params: " + "; ".join(problems)) from None
@@ -774,3 +819,21 @@ def parse_section(name: str, raw: dict[str, Any] | None) -> Section:
 def load_section(path: str | Path, name: str) -> Section:
     """Read ``params.yaml`` and validate only the section ``name``."""
     return parse_section(name, read_params_file(path).get(name))
+
+
+def load_finetune(path: str | Path) -> tuple[FinetuneParams, str]:
+    """The recovery settings of the active run profile (``evaluate.profile``,
+    which the nightly flow sets) and that profile's name: ``finetune`` with
+    ``finetune.profiles[profile]`` applied. A ``finetune.profiles`` key that
+    names no evaluation profile is an error (it would never apply)."""
+    raw = read_params_file(path)
+    finetune = parse_section("finetune", raw.get("finetune"))
+    evaluate = parse_section("evaluate", raw.get("evaluate"))
+    unknown = sorted(set(finetune.profiles) - set(evaluate.profiles))
+    if unknown:
+        raise ParamsError(
+            f"finetune.profiles.{unknown[0]}: no evaluation profile "
+            f"{unknown[0]!r}; profiles are {sorted(evaluate.profiles)} (add it "
+            "under evaluate.profiles or rename the finetune entry)"
+        )
+    return finetune.resolved(evaluate.profile), evaluate.profile

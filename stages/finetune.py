@@ -23,14 +23,16 @@ from saap.atomic import atomic_dir, atomic_file, write_json
 from saap.errors import DataError
 from saap.finetune import check_against_plan, merge, split_records
 from saap.model import compute_dtype, count_params, load_model, save_checkpoint
-from saap.params import FinetuneParams, load_section
+from saap.params import FinetuneParams, load_finetune
 from saap.plan import load_plan
 from saap.recovery import RECOVERIES, RecoveryData, recover
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.finetune")
-# facts of one run, kept in the report (metrics/finetune.json) only
-RUN_FACTS = ("seconds", "tokens_per_s", "resumed_from_step")
+# facts of one run, kept in the report (metrics/finetune.json) only: how it
+# went, not what the model is (the profile names a budget that steps and
+# tokens record)
+RUN_FACTS = ("seconds", "tokens_per_s", "resumed_from_step", "profile")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -69,6 +71,7 @@ def run(
     teacher_dir: Path | None = None,
     text_dir: Path | None = None,
     eval_dir: Path | None = None,
+    profile: str | None = None,
 ) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
@@ -91,6 +94,7 @@ def run(
     summary = {
         "schema": "saap.finetune/v1",
         "method": params.method,
+        "profile": profile,
         "params": count_params(merged),
         "trainable_params": result.trainable_params,
         "steps": result.steps,
@@ -142,7 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     setup()
-    params = load_section(args.params, "finetune")
+    # the active run profile (evaluate.profile; the nightly flow sets it) may
+    # override the budget: finetune.profiles
+    params, profile = load_finetune(args.params)
+    log.info(
+        "finetune profile %s: %s, %s steps of %d windows",
+        profile,
+        params.method,
+        params.max_steps,
+        params.batch_size,
+    )
     summary = run(
         params,
         args.model,
@@ -155,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         args.teacher,
         args.text,
         args.eval,
+        profile,
     )
     log.info(
         "finetune (%s): %d steps, %d tokens, %.0f tokens/s, best step %d",

@@ -79,6 +79,8 @@ def tiny_settings(root: Path) -> None:
             "eval_steps": 1,
             "save_steps": 1,
             "cutoff_len": 64,
+            # no nightly evaluation profile above, so no nightly recovery budget
+            "profiles": {},
         },
         bench={
             "prompt_len": 8,

@@ -262,3 +262,46 @@ def test_checkpoint_not_matching_plan_is_rejected(pruned, tiny_model_dir, tmp_pa
             tmp_path / "c.csv",
             tmp_path / "resume",
         )
+
+
+def test_stage_trains_the_budget_of_the_active_profile(pruned, tmp_path, capsys):
+    """finetune.profiles[evaluate.profile] overrides the budget (the nightly
+    flow sets evaluate.profile); a profile that sets nothing runs the section."""
+    import yaml
+
+    folder, _ = pruned
+    params = tmp_path / "params.yaml"
+    finetune = tiny_params().model_dump(exclude={"profiles"}) | {
+        "max_steps": 2,
+        "profiles": {"nightly": {"max_steps": 4}},
+    }
+    steps = {}
+    for profile in ("quick", "nightly"):
+        params.write_text(
+            yaml.safe_dump({"finetune": finetune, "evaluate": {"profile": profile}})
+        )
+        report = tmp_path / f"{profile}.json"
+        finetune_stage.main(
+            [
+                "--params", str(params),
+                "--model", str(folder / "pruned"),
+                "--plan", str(folder / "plan.json"),
+                "--data", str(folder / "alpaca.json"),
+                "--out", str(tmp_path / profile),
+                "--report", str(report),
+                "--curve", str(tmp_path / f"{profile}.csv"),
+                "--resume-dir", str(tmp_path / "resume"),
+            ]
+        )  # fmt: skip
+        summary = json.loads(report.read_text())
+        assert summary["profile"] == profile
+        steps[profile] = summary["steps"]
+    assert steps == {"quick": 2, "nightly": 4}
+    # an entry for a profile evaluate does not define would never apply
+    finetune["profiles"] = {"weekly": {"max_steps": 4}}
+    params.write_text(yaml.safe_dump({"finetune": finetune}))
+    with pytest.raises(SystemExit):
+        finetune_stage.main(["--params", str(params)])
+    assert "finetune.profiles.weekly: no evaluation profile 'weekly'" in (
+        capsys.readouterr().err
+    )

@@ -183,11 +183,13 @@ def test_jackknife_list_limits_the_replicates_and_changes_no_score(
     # the per-window pass evaluated no other metric's salience
     assert set(stats.layers[0].loo_atoms) == {"taylor_element1"}
     for name in chosen:
-        for got, want in zip(some.replicates[name], every.replicates[name]):
+        for got, want in zip(
+            some.replicates[name], every.replicates[name], strict=True
+        ):
             for kind in want:
                 assert torch.equal(got[kind], want[kind]), (name, kind)
     for name in names:
-        for got, want in zip(some.scores[name], every.scores[name]):
+        for got, want in zip(some.scores[name], every.scores[name], strict=True):
             for kind in want:
                 assert torch.equal(got[kind], want[kind]), (name, kind)
     # SAAP fuses what was replicated, and names the missing metric otherwise

@@ -95,6 +95,46 @@ def test_evaluation_profiles_resolve_and_unknown_ones_name_the_choices():
         parse_section("evaluate", {"profiles": {"quick": {"limti": 5}}})
 
 
+def test_finetune_profiles_override_keys_and_name_bad_ones():
+    params = parse_section(
+        "finetune",
+        {"max_steps": 40, "profiles": {"nightly": {"max_steps": 977, "eval_steps": 1}}},
+    )
+    nightly = params.resolved("nightly")
+    assert (nightly.max_steps, nightly.eval_steps, nightly.profiles) == (977, 1, {})
+    assert params.resolved("quick") == params.resolved(None)
+    assert params.resolved("quick").max_steps == 40
+    with pytest.raises(
+        ParamsError,
+        match=r"finetune\.profiles\.nightly\.max_stepz: not a finetune key; known "
+        r"keys are method",
+    ):
+        parse_section("finetune", {"profiles": {"nightly": {"max_stepz": 9}}})
+    with pytest.raises(
+        ParamsError,
+        match=r"finetune\.profiles\.nightly\.max_steps: .*greater than 0 \(got 0\)",
+    ):
+        parse_section("finetune", {"profiles": {"nightly": {"max_steps": 0}}})
+    with pytest.raises(
+        ParamsError, match=r"finetune\.profiles\.nightly\.micro_batch_size: .*divide"
+    ):
+        parse_section("finetune", {"profiles": {"nightly": {"micro_batch_size": 3}}})
+
+
+def test_project_nightly_profile_distils_about_a_million_tokens():
+    """The nightly run's recovery budget (measured at 1M tokens: README,
+    'Recovery at 1M tokens'), and make run's quick one unchanged by it."""
+    from saap.params import load_finetune
+
+    quick, profile = load_finetune(ROOT / "params.yaml")
+    assert profile == "quick"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert quick.max_steps == raw["finetune"]["max_steps"]
+    nightly = parse_section("finetune", raw["finetune"]).resolved("nightly")
+    tokens = nightly.max_steps * nightly.batch_size * nightly.cutoff_len
+    assert 1_000_000 <= tokens < 1_001_000 and nightly.method == "kd"
+
+
 def test_auto_dtype_follows_the_hardware():
     import torch
 
