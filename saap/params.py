@@ -617,10 +617,13 @@ class FinetuneParams(Section):
         le=1,
         description="kd: weight of the KL term; 1 - kd_alpha weighs the LM loss.",
     )
-    kd_corpora: list[Literal["c4", "wiki", "instruct"]] = Field(
+    kd_corpora: list[Literal["c4", "wiki", "instruct", "sciq", "mmlu"]] = Field(
         default_factory=lambda: ["c4", "wiki", "instruct"],
         description="kd: training text: calibration halves of c4/wiki (never their "
-        "evaluation halves, never PTB) and the instruction sample as plain text.",
+        "evaluation halves, never PTB), the instruction sample as plain text, and "
+        "the distillation-only sets sciq (1,000 science paragraphs with their "
+        "question) and mmlu (15,858 exam questions with their answer), which no "
+        "stage evaluates on.",
     )
     kd_val_windows: int = Field(
         16, gt=0, description="kd: held-out windows for the validation KL."

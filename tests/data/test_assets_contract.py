@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from saap.assets import EVAL_TASKS, GGUF_MEMBER, extract_member
+from saap.assets import EVAL_TASKS, EXTRA_TEXT_RECORDS, GGUF_MEMBER, extract_member
 from saap.data import calibration_documents, evaluation_documents
 from saap.distill import (
     decontaminate,
@@ -74,6 +74,19 @@ def test_text_and_instruct_files(real_assets):
     records = json.loads((real_assets / "data/instruct/alpaca.json").read_text())
     assert len(records) == 999
     assert sum(1 for r in records if r["input"]) == 412
+    for name, count in EXTRA_TEXT_RECORDS.items():
+        assert len(read_jsonl(text / f"{name}.jsonl")) == count
+
+
+def test_distillation_only_text_shares_no_13_gram_with_evaluation_text(real_assets):
+    """SciQ and MMLU (sets no stage evaluates on) as distillation text: no word
+    13-gram in common with any evaluation text, before decontamination even."""
+    text = real_assets / "data/text"
+    evaluation = evaluation_texts(text, real_assets / "data/eval")
+    extra = distillation_documents(text, ["sciq", "mmlu"], [])
+    assert len(extra) == sum(EXTRA_TEXT_RECORDS.values())
+    assert sum(len(d.split()) for d in extra) > 1_400_000
+    assert shared_ngrams(extra, evaluation) == 0
 
 
 def test_distillation_text_shares_no_13_gram_with_evaluation_text(real_assets):

@@ -374,6 +374,54 @@ def test_decontamination_cuts_shared_13_grams_only():
     assert shared_ngrams(out, evaluation) == 0 < shared_ngrams([dirty], evaluation)
 
 
+def test_distillation_only_corpora_are_read_whole_and_named_when_missing(
+    text_dir, tmp_path
+):
+    import json
+    import shutil
+
+    from saap.distill import distillation_documents
+
+    folder = tmp_path / "text"
+    shutil.copytree(text_dir, folder)
+    sciq = ["Plants make sugar from light.\nWhat do plants make?\nsugar", "b c"]
+    (folder / "sciq.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in sciq)
+    )
+    c4_half = distillation_documents(folder, ["c4"], [])
+    both = distillation_documents(folder, ["c4", "sciq", "instruct"], ["x y"])
+    assert both == [*c4_half, *sciq, "x y"]  # all of sciq: no half is evaluated
+    with pytest.raises(DataError, match=r"mmlu\.jsonl is missing.*kd_corpora"):
+        distillation_documents(folder, ["mmlu"], [])
+    with pytest.raises(DataError, match=r"unknown distillation corpus 'ptb'"):
+        distillation_documents(folder, ["ptb"], [])
+
+
+def test_extra_text_records_read_as_documents():
+    from saap.assets import mmlu_document, sciq_document
+
+    assert (
+        sciq_document(
+            {
+                "support": " Light drives it. ",
+                "question": "What?",
+                "correct_answer": "x",
+            }
+        )
+        == "Light drives it.\nWhat?\nx"
+    )
+    assert (
+        sciq_document({"support": "", "question": "What?", "correct_answer": "x"})
+        == "What?\nx"
+    )
+    assert (
+        mmlu_document(
+            {"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": 1}
+        )
+        == "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B. 4"
+    )
+
+
 def validation_kl(student, teacher, windows) -> float:
     with torch.no_grad():
         _, kl = kd_loss(
