@@ -63,6 +63,20 @@ def evaluation(params, limit, windows, fidelity_windows):
     )
 
 
+def split_arms(text: str) -> list[str]:
+    """``kd,kd:kd_corpora=[c4,wiki,mmlu]`` -> the two arms: commas inside
+    brackets belong to a list value."""
+    arms, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            arms.append(current)
+            current = ""
+        else:
+            current += char
+    return [arm for arm in (*arms, current) if arm]
+
+
 def parse_arm(token: str) -> tuple[str, dict]:
     """``kd:kd_topk=64+learning_rate=2e-4`` -> ("kd", {"kd_topk": 64, ...})."""
     name, _, rest = token.partition(":")
@@ -183,7 +197,7 @@ def main() -> None:
         arms = [("none", 0)] + [
             (m, int(b))
             for b in args.budgets.split(",")
-            for m in args.methods.split(",")
+            for m in split_arms(args.methods)
         ]
         for method, budget in arms:
             if (label, ratio, method, budget) in done:
