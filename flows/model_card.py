@@ -134,6 +134,7 @@ def model_card(
                 f"- recovery `{report.get('method', '?')}`: "
                 f"{report.get('tokens', '?')} training tokens, "
                 f"{report.get('steps', '?')} steps"
+                + (f" (profile `{report['profile']}`)" if report.get("profile") else "")
             )
         lines.append("")
     lines += metrics_section(evaluation, bench, dense)
