@@ -79,9 +79,19 @@ def write_json(target: str | os.PathLike[str], payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+# characters str.splitlines() breaks a line at that JSON leaves unescaped
+# (control characters below 0x20 json.dumps escapes itself)
+_LINE_BREAKS = str.maketrans(
+    {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
 def write_jsonl(target: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
-    """Write one JSON object per line, whole or not at all."""
+    """Write one JSON object per line, whole or not at all; a line break
+    inside a string (U+0085 in two MMLU questions, say) is written escaped,
+    so readers that split with ``splitlines()`` see one record a line."""
     with atomic_file(target) as tmp:
         with tmp.open("w") as handle:
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                line = json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS)
+                handle.write(line + "\n")

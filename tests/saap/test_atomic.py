@@ -40,3 +40,12 @@ def test_failed_file_write_keeps_previous_file(tmp_path):
         raise KeyboardInterrupt
     assert json.loads(target.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_jsonl_keeps_one_record_a_line_whatever_the_text(tmp_path):
+    from saap.atomic import write_jsonl
+
+    texts = ["a\u2028b", "c\u2029d\x85e", "f\ng\rh\x0bi\x0cj\x1ck", "plain"]
+    write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == texts
