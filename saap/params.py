@@ -679,29 +679,13 @@ class FinetuneParams(Section):
         """These settings with ``profiles[profile]`` applied (unchanged for a
         profile that sets nothing); the result has no profiles of its own."""
         override = self.profiles.get(profile, {}) if profile is not None else {}
-        if not isinstance(override, dict):
-            raise ValueError(
-                f"profiles.{profile} must map finetune keys to values, e.g. "
-                f"{{max_steps: 977}}; got {override!r}"
-            )
-        known = [k for k in type(self).model_fields if k != "profiles"]
-        for key in override:
-            if key not in known:
-                raise ValueError(
-                    f"profiles.{profile}.{key}: not a finetune key; known keys "
-                    f"are {', '.join(known)}"
-                )
-        base = self.model_dump(exclude={"profiles"})
         try:
-            return type(self).model_validate(base | override)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"profiles.{profile}.{'.'.join(str(p) for p in err['loc'])}: "
-                f"{err['msg'].removeprefix('Value error, ')} "
-                f"(got {err.get('input')!r})"
-                for err in exc.errors()
+            return type(self).model_validate(
+                self.model_dump(exclude={"profiles"}) | override
             )
-            raise ValueError(problems) from None
+        except ValidationError as exc:
+            where = f"profiles.{profile}"
+            raise ValueError("; ".join(problems(exc, where, type(self)))) from None
 
 
 class CompareParams(Section):
@@ -804,19 +788,24 @@ def parse_section(name: str, raw: dict[str, Any] | None) -> Section:
     try:
         return SECTIONS[name].model_validate(raw or {})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join([name, *(str(p) for p in err["loc"])])
-            if err["type"] == "extra_forbidden":
-                known = ", ".join(SECTIONS[name].model_fields)
-                problems.append(f"{where}: unknown key; known keys are {known}")
-            elif not err["loc"] and err["type"] == "value_error":
-                # a check across keys: its message names the keys itself
-                message = err["msg"].removeprefix("Value error, ")
-                problems.append(f"{name}.{message}")
-            else:
-                problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-        raise ParamsError("invalid params: " + "; ".join(problems)) from None
+        found = problems(exc, name, SECTIONS[name])
+        raise ParamsError("invalid params: " + "; ".join(found)) from None
+
+
+def problems(exc: ValidationError, prefix: str, model: type[Section]) -> list[str]:
+    """Each error of validating ``model`` at the dotted path ``prefix``."""
+    found = []
+    for err in exc.errors():
+        where = ".".join([prefix, *(str(p) for p in err["loc"])])
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields)
+            found.append(f"{where}: unknown key; known keys are {known}")
+        elif not err["loc"] and err["type"] == "value_error":
+            # a check across keys: its message names the keys itself
+            found.append(f"{prefix}.{err['msg'].removeprefix('Value error, ')}")
+        else:
+            found.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return found
 
 
 def load_section(path: str | Path, name: str) -> Section:

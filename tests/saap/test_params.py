@@ -106,8 +106,8 @@ def test_finetune_profiles_override_keys_and_name_bad_ones():
     assert params.resolved("quick").max_steps == 40
     with pytest.raises(
         ParamsError,
-        match=r"finetune\.profiles\.nightly\.max_stepz: not a finetune key; known "
-        r"keys are method",
+        match=r"finetune\.profiles\.nightly\.max_stepz: unknown key; known keys "
+        r"are method",
     ):
         parse_section("finetune", {"profiles": {"nightly": {"max_stepz": 9}}})
     with pytest.raises(
