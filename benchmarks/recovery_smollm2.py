@@ -40,7 +40,7 @@ from saap.methods import arm_plan, prune_params_for, pruning_label
 from saap.model import compute_dtype, count_params, load_model
 from saap.params import FinetuneParams, load_section
 from saap.prune import prune_compensated
-from saap.recovery import RecoveryData, recover
+from saap.recovery import RECOVERIES, RecoveryData, recover
 from saap.scores import load_scores
 from stages.finetune import read_records
 
@@ -204,6 +204,7 @@ def main() -> None:
                 continue
             started = time.perf_counter()
             result = None
+            in_domain: list[str] = []
             model = pruned
             if method != "none":
                 name, overrides = parse_arm(method)
@@ -243,6 +244,7 @@ def main() -> None:
                         progress=False,
                     )
                 model = merge(trained)
+                in_domain = RECOVERIES.get(name).in_domain(ft)
             wall = time.perf_counter() - started
             metrics, docs = evaluate(model, f"{method}@{ratio}")
             row = {
@@ -261,6 +263,8 @@ def main() -> None:
                 "train_s": result.seconds if result else 0.0,
                 "wall_s": wall,
             }
+            if in_domain:
+                row["in_domain"] = in_domain
             if args.limit:
                 row["retention"] = paired_ratio_of(docs, dense_docs, metrics)
             results.append(row)
@@ -276,6 +280,11 @@ def paired_ratio_of(docs: dict, dense_docs: dict, metrics: dict) -> dict:
     candidate = {t: np.asarray(docs["zero_shot"][t][pick[t]]) for t in tasks}
     dense = {t: np.asarray(dense_docs["zero_shot"][t][pick[t]]) for t in tasks}
     return paired_ratio(candidate, dense, 2000).as_dict()
+
+
+def in_domain_mark(row: dict) -> str:
+    """PTB distilled on its own train split is in-domain: marked in the table."""
+    return " (in-domain)" if "ptb" in row.get("in_domain", []) else ""
 
 
 def interval(value: dict, digits: int = 3) -> str:
@@ -304,7 +313,11 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         "windows of the calibration halves of C4 and Wikipedia plus the Alpaca "
         "sample as plain text, 13-grams shared with evaluation text cut out. "
         "train s: the trainer's time; wall s: the whole recovery call, including "
-        "filling the teacher's top-k cache (`kd_topk`) where a run computes it.",
+        "filling the teacher's top-k cache (`kd_topk`) where a run computes it. "
+        "PTB '(in-domain)': the arm distilled on PTB's train split "
+        "(`kd_corpora` with `ptb_train`), so its PTB test perplexity is "
+        "in-domain and not comparable with the other rows' as a measure of "
+        "damage.",
         "",
         f"Dense: PTB {dense_metrics['perplexity']['ptb']:.1f}, Wiki "
         f"{dense_metrics['perplexity']['wiki']:.1f}.",
@@ -353,7 +366,7 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         lines.append(
             f"| {r.get('pruning', 'saap')} | {r['ratio']:.0%} | {r['method']} "
             f"| {r['budget']:,} | {r['tokens']:,} "
-            f"| {r['ppl']['ptb']:.1f} | {to_dense} | {versus} "
+            f"| {r['ppl']['ptb']:.1f}{in_domain_mark(r)} | {to_dense} | {versus} "
             f"| {r['ppl']['wiki']:.1f} "
             f"| {interval(r['kl'])} | {interval(r['top1'])} "
             f"| {score} | {retention} | "

@@ -47,10 +47,14 @@ def metrics_section(evaluation: dict, bench: dict, dense: dict | None) -> list[s
         lines.append("")
     lines += ["| metric | this model | dense base |", "|---|---|---|"]
     dense_eval = (dense or {}).get("eval", {})
+    in_domain = set(evaluation.get("in_domain") or [])
     for corpus, value in (evaluation.get("perplexity") or {}).items():
         base = (dense_eval.get("perplexity") or {}).get(corpus)
+        # a corpus whose own domain the recovery trained on (e.g. PTB's train
+        # split) says less about the model than the others: marked so
+        label = f"{corpus} (in-domain)" if corpus in in_domain else corpus
         lines.append(
-            f"| perplexity {corpus} | {value:.2f} | "
+            f"| perplexity {label} | {value:.2f} | "
             f"{'n/a' if base is None else f'{base:.2f}'} |"
         )
     for task, scores in (evaluation.get("zero_shot") or {}).items():

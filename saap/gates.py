@@ -14,7 +14,9 @@ Gates (thresholds in ``params.yaml``, section ``gates``):
 - ``accuracy_retention``: macro-mean zero-shot score (acc_norm where the task
   has it) of candidate / dense, paired bootstrap over the same documents;
 - ``ppl_ratio``: perplexity of candidate / dense on ``gates.ppl_corpus``,
-  paired over the same windows;
+  paired over the same windows; fails closed where that corpus is in-domain for
+  the candidate (its recovery trained on the corpus's own domain, e.g. PTB with
+  ``finetune.kd_corpora: ptb_train``): such a perplexity cannot show damage;
 - ``fidelity_kl``: mean KL(dense || candidate) per token on held-back text;
 - ``decode_speedup``: decode tokens/s of candidate / dense in llama.cpp (the GGUF
   type ``gates.speed_gguf_type``), the two files run interleaved;
@@ -170,8 +172,23 @@ def _accuracy_gate(candidate, dense, params, mode, resamples, seed) -> GateResul
     return result
 
 
+def in_domain_reason(entry: dict, corpus: str, who: str) -> str | None:
+    """Why ``corpus`` cannot judge ``entry`` (None where it can): the entry's
+    evaluation records it as in-domain (trained on that corpus's domain)."""
+    if corpus not in (entry["eval"].get("in_domain") or []):
+        return None
+    return (
+        f"{corpus} is in-domain for the {who} (its recovery trained on {corpus}'s "
+        f"own domain: finetune.kd_corpora), so its {corpus} perplexity cannot show "
+        "damage; set gates.ppl_corpus to a corpus it did not train on (wiki or "
+        f"c4), or leave the {corpus} train split out of finetune.kd_corpora"
+    )
+
+
 def _ppl_gate(candidate, dense, params, resamples, seed) -> GateResult:
     name, threshold, corpus = "ppl_ratio", params.max_ppl_ratio, params.ppl_corpus
+    if reason := in_domain_reason(candidate, corpus, "candidate"):
+        return failed(name, threshold, "at_most", reason)
     try:
         interval = ppl_ratio_interval(
             np.asarray(candidate["documents"]["perplexity"][corpus]),
@@ -248,6 +265,9 @@ def _champion_gate(candidate, champion, params, mode, resamples, seed) -> GateRe
             f"{candidate['eval'].get('eval_config_hash')}); re-evaluate it with this "
             "config, or promote explicitly",
         )
+    for entry, who in ((candidate, "candidate"), (champion, "champion")):
+        if reason := in_domain_reason(entry, params.ppl_corpus, who):
+            return failed(name, threshold, "at_least", reason)
     try:
         accuracy = paired_difference(
             reported_documents(candidate),

@@ -110,6 +110,11 @@ class LoraRecovery:
     def rank_pattern(self, params: FinetuneParams, plan: Plan | None) -> dict:
         return {}
 
+    def in_domain(self, params: FinetuneParams) -> list[str]:
+        """Evaluation corpora whose own domain this recovery trains on: none
+        (the instruction sample is no evaluation's domain)."""
+        return []
+
     def run(
         self,
         model,
@@ -168,6 +173,13 @@ class DistillRecovery:
         "distillation loss on held-out windows (KL(dense || student), "
         "nats/token, when kd_alpha is 1)"
     )
+
+    def in_domain(self, params: FinetuneParams) -> list[str]:
+        """Evaluation corpora made in-domain by the distillation text
+        (``ptb_train`` makes PTB test in-domain)."""
+        from saap.data import in_domain_corpora
+
+        return in_domain_corpora(params.kd_corpora)
 
     def windows(self, tokenizer, data: RecoveryData, params: FinetuneParams):
         """Packed, decontaminated training and validation windows."""

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from saap.atomic import atomic_file, write_json
-from saap.evaluation.report import evaluate_model
+from saap.evaluation.report import evaluate_model, trained_in_domain
 from saap.evaluation.zeroshot import check_tasks
 from saap.model import load_model, torch_dtype
 from saap.params import EvaluateParams, load_section
@@ -60,6 +60,7 @@ def run(
         variant,
         str(model_dir),
         reference=reference,
+        in_domain=trained_in_domain(model_dir),
     )
     # the documents first: metrics without their documents could not be gated
     write_json(documents_path(out), documents)

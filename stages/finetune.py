@@ -108,6 +108,11 @@ def run(
         "truncated_examples": result.truncated,
         "resumed_from_step": result.resumed_from,
     }
+    in_domain = RECOVERIES.get(params.method).in_domain(params)
+    if in_domain:
+        # evaluation corpora of the training text's own domain (PTB with
+        # ptb_train): the evaluation reports them as in-domain, no gate uses them
+        summary["in_domain"] = in_domain
     # the checkpoint records what the model is, not how this run went (time,
     # resume): the same inputs then give a byte-identical directory, so DVC and
     # the registry see an unchanged model as unchanged

@@ -11,6 +11,8 @@ Metrics schema (``metrics/eval/<variant>.json``)::
       "settings": {...},                    # the resolved evaluation settings
       "perplexity": {"ptb": 190.2, "wiki": 30.1, "c4": 40.5},
       "perplexity_windows": {"ptb": 200, ...}, "ppl_seq_len": 128,
+      "in_domain": [],                      # corpora the model trained on the
+                                            # domain of (["ptb"]: ptb_train)
       "zero_shot": {"piqa": {"acc": 0.61, "acc_stderr": 0.02, "acc_norm": 0.6,
                              "acc_norm_stderr": 0.02, "n": 100,
                              "metric": "acc_norm"}, ...},
@@ -91,6 +93,17 @@ def eval_config_hash(
     return digest.hexdigest()[:16]
 
 
+def trained_in_domain(checkpoint_dir: Path) -> list[str]:
+    """Evaluation corpora a checkpoint's recovery trained on the domain of, as
+    its ``saap.json`` records them (the finetune stage writes ``in_domain``
+    where the distillation text held e.g. PTB's train split); [] otherwise."""
+    info = Path(checkpoint_dir) / "saap.json"
+    if not info.is_file():
+        return []
+    record = json.loads(info.read_text()).get("finetune") or {}
+    return sorted(record.get("in_domain") or [])
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -100,9 +113,12 @@ def evaluate_model(
     variant: str,
     checkpoint: str,
     reference=None,
+    in_domain: list[str] | None = None,
 ) -> tuple[dict, dict]:
     """Perplexity, zero-shot accuracy, fidelity to ``reference`` (the dense
-    model; skipped when None) and generations of an in-memory model.
+    model; skipped when None) and generations of an in-memory model;
+    ``in_domain`` names the corpora whose perplexity is in-domain for it
+    (:func:`trained_in_domain`).
 
     Returns the metrics and the per-document results (schemas above)."""
     seconds: dict[str, float] = {}
@@ -120,7 +136,15 @@ def evaluate_model(
         ppl[corpus] = float(torch.exp(nll.mean()))
         counts[corpus] = int(windows.shape[0])
         nll_of[corpus] = [round(float(v), 6) for v in nll]
-        log.info("%s perplexity on %s: %.2f", variant, corpus, ppl[corpus])
+        log.info(
+            "%s perplexity on %s: %.2f%s",
+            variant,
+            corpus,
+            ppl[corpus],
+            " (in-domain: trained on its domain)"
+            if corpus in (in_domain or [])
+            else "",
+        )
     documents["perplexity"] = nll_of
     seconds["perplexity"] = time.perf_counter() - started
 
@@ -189,6 +213,7 @@ def evaluate_model(
         "perplexity": ppl,
         "perplexity_windows": counts,
         "ppl_seq_len": settings.ppl_seq_len,
+        "in_domain": sorted(in_domain or []),
         "zero_shot": zero_shot,
         "mean_acc": mean_score(zero_shot),
         "mean_acc_metric": {task: s["metric"] for task, s in zero_shot.items()},

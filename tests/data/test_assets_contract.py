@@ -66,6 +66,7 @@ def test_text_and_instruct_files(real_assets):
     assert (
         len((text / "ptb_test.txt").read_text().split()) == 78669
     )  # words incl. <unk>, N
+    assert len((text / "ptb_train.txt").read_text().split()) == 887521
     assert len(read_jsonl(text / "c4.jsonl")) == 300
     assert (
         len([x for x in (text / "wiki.txt").read_text().splitlines() if x.strip()])
@@ -87,6 +88,20 @@ def test_distillation_only_text_shares_no_13_gram_with_evaluation_text(real_asse
     assert len(extra) == sum(EXTRA_TEXT_RECORDS.values())
     assert sum(len(d.split()) for d in extra) > 1_400_000
     assert shared_ngrams(extra, evaluation) == 0
+
+
+def test_in_domain_ptb_train_text_is_decontaminated_from_ptb_test(real_assets):
+    """PTB's train split (opt-in distillation text that makes PTB test
+    in-domain) shares phrases with PTB test (market boilerplate); after
+    decontamination no word 13-gram of it stands in any evaluation text."""
+    text = real_assets / "data/text"
+    evaluation = evaluation_texts(text, real_assets / "data/eval")
+    raw = distillation_documents(text, ["ptb_train"], [])
+    train, removed = decontaminate(raw, evaluation)
+    assert shared_ngrams(raw, evaluation) > 0 and removed > 0
+    assert shared_ngrams(train, evaluation) == 0
+    # what is cut is a sliver of the split's 888k words
+    assert sum(len(d.split()) for d in train) > 0.98 * 887521
 
 
 def test_distillation_text_shares_no_13_gram_with_evaluation_text(real_assets):

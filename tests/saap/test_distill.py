@@ -3,6 +3,7 @@ training that brings the student closer to the teacher, resume, reload."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -64,6 +65,7 @@ def student_and_teacher(tiny_model_dir, windows, tmp_path):
         PruneParams(ratio=0.25, skip_first=1, skip_last=1),
     )
     save_checkpoint(prune_model(teacher, plan), tokenizer, tmp_path / "pruned")
+    (tmp_path / "plan.json").write_text(plan.dumps())
     return tmp_path / "pruned", teacher, tokenizer
 
 
@@ -395,6 +397,72 @@ def test_distillation_only_corpora_are_read_whole_and_named_when_missing(
         distillation_documents(folder, ["mmlu"], [])
     with pytest.raises(DataError, match=r"unknown distillation corpus 'ptb'"):
         distillation_documents(folder, ["ptb"], [])
+
+
+def test_ptb_train_is_read_in_line_blocks_and_makes_ptb_in_domain(
+    text_dir, tmp_path
+):
+    import shutil
+
+    from saap.data import PTB_LINES_PER_DOCUMENT, in_domain_corpora
+    from saap.distill import distillation_documents
+    from saap.recovery import RECOVERIES
+
+    folder = tmp_path / "text"
+    shutil.copytree(text_dir, folder)
+    with pytest.raises(DataError, match=r"ptb_train\.txt is missing.*treebank"):
+        distillation_documents(folder, ["ptb_train"], [])
+    lines = [f" sentence {i} of the train split <unk> N " for i in range(250)]
+    (folder / "ptb_train.txt").write_text("\n".join(lines) + "\n")
+    docs = distillation_documents(folder, ["c4", "ptb_train"], [])
+    ptb = docs[len(distillation_documents(folder, ["c4"], [])) :]
+    # blocks of lines, newlines kept as in the test text, nothing dropped
+    assert len(ptb) == 3 and ptb[0].count("\n") == PTB_LINES_PER_DOCUMENT - 1
+    assert "\n".join(ptb).splitlines() == lines
+    assert in_domain_corpora(["c4", "ptb_train", "instruct"]) == ["ptb"]
+    assert in_domain_corpora(["c4", "wiki", "sciq", "mmlu", "instruct"]) == []
+    # only recoveries that train on the distillation text carry its domain
+    with_ptb = kd_params(kd_corpora=["c4", "ptb_train"])
+    assert RECOVERIES.get("kd").in_domain(with_ptb) == ["ptb"]
+    assert RECOVERIES.get("group").in_domain(with_ptb) == ["ptb"]
+    assert RECOVERIES.get("lora").in_domain(with_ptb) == []
+    assert RECOVERIES.get("kd").in_domain(kd_params()) == []
+
+
+def test_stage_records_in_domain_text_and_evaluation_reports_it(
+    student_and_teacher, tiny_model_dir, text_dir, tmp_path
+):
+    """A model distilled on PTB's train split carries ``in_domain: [ptb]`` in
+    its checkpoint and report; the evaluation reads it from the checkpoint; a
+    model distilled on the default text carries nothing (its bytes unchanged)."""
+    import shutil
+
+    from saap.evaluation.report import trained_in_domain
+    from stages import finetune as finetune_stage
+
+    pruned_dir, _, _ = student_and_teacher
+    folder = tmp_path / "text"
+    shutil.copytree(text_dir, folder)
+    lines = [f" the company said {i} shares rose <unk> N " for i in range(400)]
+    (folder / "ptb_train.txt").write_text("\n".join(lines) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps(RECORDS))
+    found = {}
+    for name, corpora in (("plain", ["c4", "wiki"]), ("ptb", ["c4", "ptb_train"])):
+        summary = finetune_stage.run(
+            kd_params(max_steps=2, kd_corpora=corpora),
+            pruned_dir,
+            tmp_path / "plan.json",
+            alpaca,
+            tmp_path / name,
+            tmp_path / f"{name}.json",
+            tmp_path / f"{name}.csv",
+            tmp_path / f"resume-{name}",
+            teacher_dir=tiny_model_dir,
+            text_dir=folder,
+        )
+        found[name] = (summary.get("in_domain"), trained_in_domain(tmp_path / name))
+    assert found == {"plain": (None, []), "ptb": (["ptb"], ["ptb"])}
 
 
 def test_extra_text_records_read_as_documents():

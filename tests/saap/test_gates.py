@@ -194,3 +194,36 @@ def test_a_worse_candidate_regresses_against_the_champion():
         "no_regression"
     ]
     assert not gate.passed and "params 120 <= 80 (FAIL)" in gate.detail
+
+
+def test_a_corpus_the_candidate_trained_on_cannot_judge_it():
+    """Distilled on PTB's train split, a candidate's PTB perplexity is
+    in-domain: the perplexity gates fail closed naming the fix; on a corpus it
+    did not train on they judge it as usual."""
+
+    def also_on_wiki(entry: dict) -> dict:
+        entry["eval"]["perplexity"]["wiki"] = entry["eval"]["perplexity"]["ptb"]
+        entry["documents"]["perplexity"]["wiki"] = entry["documents"]["perplexity"][
+            "ptb"
+        ]
+        return entry
+
+    candidate = also_on_wiki(good_candidate())
+    candidate["eval"]["in_domain"] = ["ptb"]
+    champion = also_on_wiki(good_candidate())
+    results = by_name(evaluate_gates(candidate, dense(), GatesParams(), champion))
+    for name in ("ppl_ratio", "no_regression"):
+        assert not results[name].passed
+        assert "ptb is in-domain for the candidate" in results[name].detail
+        assert "set gates.ppl_corpus" in results[name].detail
+    # a champion trained in-domain cannot be compared on that corpus either
+    plain = also_on_wiki(good_candidate())
+    gate = by_name(evaluate_gates(plain, dense(), GatesParams(), candidate))[
+        "no_regression"
+    ]
+    assert not gate.passed and "in-domain for the champion" in gate.detail
+    on_wiki = GatesParams(ppl_corpus="wiki")
+    results = by_name(
+        evaluate_gates(candidate, also_on_wiki(dense()), on_wiki, champion)
+    )
+    assert results["ppl_ratio"].passed and results["no_regression"].passed
