@@ -20,10 +20,10 @@ import torch
 
 from saap.assets import validate_alpaca
 from saap.atomic import atomic_dir, atomic_file, write_json
-from saap.errors import DataError
+from saap.errors import DataError, ParamsError
 from saap.finetune import check_against_plan, merge, split_records
 from saap.model import compute_dtype, count_params, load_model, save_checkpoint
-from saap.params import FinetuneParams, load_finetune
+from saap.params import FinetuneParams, GatesParams, load_finetune, load_section
 from saap.plan import load_plan
 from saap.recovery import RECOVERIES, RecoveryData, recover
 from stages.common import guarded, setup
@@ -126,6 +126,20 @@ def run(
     return summary
 
 
+def check_gate_corpus(params: FinetuneParams, gates: GatesParams) -> None:
+    """Refuse, before training, a recovery whose text makes the perplexity
+    gates' corpus in-domain (the gates would fail closed after the whole run)."""
+    in_domain = RECOVERIES.get(params.method).in_domain(params)
+    if gates.ppl_corpus in in_domain:
+        raise ParamsError(
+            f"finetune.kd_corpora {params.kd_corpora} makes {gates.ppl_corpus} "
+            f"in-domain, and gates.ppl_corpus is {gates.ppl_corpus!r}: the "
+            "perplexity gates cannot judge a model on text of its own training "
+            "domain; set gates.ppl_corpus to wiki or c4, or leave "
+            f"{gates.ppl_corpus}_train out of finetune.kd_corpora"
+        )
+
+
 @guarded
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     # the active run profile (evaluate.profile; the nightly flow sets it) may
     # override the budget: finetune.profiles
     params, profile = load_finetune(args.params)
+    check_gate_corpus(params, load_section(args.params, "gates"))
     log.info(
         "finetune profile %s: %s, %s steps of %d windows",
         profile,

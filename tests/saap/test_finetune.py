@@ -305,3 +305,20 @@ def test_stage_trains_the_budget_of_the_active_profile(pruned, tmp_path, capsys)
     assert "finetune.profiles.weekly: no evaluation profile 'weekly'" in (
         capsys.readouterr().err
     )
+
+
+def test_stage_refuses_text_that_makes_the_gate_corpus_in_domain(tmp_path, capsys):
+    """Distilling on PTB's train split while the perplexity gates judge PTB is
+    refused before any training, naming both keys and the fix."""
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    finetune = tiny_params(method="kd", kd_corpora=["c4", "ptb_train"]).model_dump()
+    params.write_text(yaml.safe_dump({"finetune": finetune}))
+    with pytest.raises(SystemExit) as exc:
+        finetune_stage.main(["--params", str(params), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "makes ptb in-domain, and gates.ppl_corpus is 'ptb'" in err
+    assert "set gates.ppl_corpus to wiki or c4" in err
+    assert not (tmp_path / "o").exists()
