@@ -84,6 +84,16 @@ def recovery_methods(method: str, params: CompareParams) -> list[str]:
     return list(METHODS[method].recoveries)
 
 
+def arm_importance(spec: Method, prune: PruneParams) -> str:
+    """The estimator an arm scores with: SAAP's arms fuse as the prune section
+    does (``saap`` on the mean scale or ``saap_rank``, with its saap_metrics:
+    the pipeline's default), a published method uses its own estimator."""
+    own = prune.importance
+    if spec.fused and own in ESTIMATORS and ESTIMATORS[own].derived:
+        return own
+    return spec.importance
+
+
 def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParams:
     """The prune section of an arm: the project's structure settings (skipped
     layers, attention unit, spread) with the method's scores and allocation."""
@@ -91,7 +101,7 @@ def prune_params_for(method: str, ratio: float, base: PruneParams) -> PruneParam
     return base.model_copy(
         update={
             "ratio": ratio,
-            "importance": spec.importance,
+            "importance": arm_importance(spec, base),
             "allocation": spec.allocation,
             "bias_compensation": spec.bias_compensation,
             "least_squares": spec.least_squares,
@@ -106,7 +116,7 @@ def default_method(prune: PruneParams) -> str | None:
     of the ``prune`` section (the pipeline's default), or None if none is."""
     for name, spec in METHODS.items():
         if (
-            spec.importance == prune.importance
+            arm_importance(spec, prune) == prune.importance
             and spec.allocation == prune.allocation
             and spec.bias_compensation == prune.bias_compensation
             and spec.least_squares == prune.least_squares

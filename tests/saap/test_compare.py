@@ -279,6 +279,14 @@ def test_default_method_is_the_arm_of_the_prune_section():
     bias = prune.model_copy(update={"least_squares": False, "bias_compensation": True})
     assert default_method(bias) == "saap_bc"
     assert default_method(prune.model_copy(update={"allocation": "uniform"})) is None
+    # SAAP's arms fuse as the prune section does (rank scale included); the
+    # published methods keep their own estimator
+    rank = prune.model_copy(update={"importance": "saap_rank"})
+    assert default_method(rank) == "saap_ls"
+    assert prune_params_for("saap_ls", 0.5, rank).importance == "saap_rank"
+    assert prune_params_for("saap", 0.5, prune).importance == "saap"
+    assert prune_params_for("flap_ls", 0.5, rank).importance == "flap"
+    assert default_method(prune.model_copy(update={"importance": "flap"})) is None
 
 
 def test_seed_ratio_is_the_geometric_mean_with_a_t_interval():
