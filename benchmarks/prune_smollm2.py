@@ -53,6 +53,8 @@ ROWS = [
     ("LLM-Pruner taylor_element2 (uniform)", "taylor_element2", "uniform", {}),
     ("Wanda-sp (uniform)", "wanda_sp", "uniform", {}),
     ("FLAP (global, bias compensation)", "flap", "global", {"bias_compensation": True}),
+    # SAAP's rows fuse as the prune section does (prune.importance and
+    # prune.saap_metrics: the metrics importance.jackknife gives replicates of)
     ("SAAP fused (uniform)", "saap", "uniform", {}),
     ("SAAP fused + adaptive (no compensation)", "saap", "adaptive", {}),
 ]
@@ -241,6 +243,9 @@ def main() -> None:
     default_ppl = perplexity(pruned.to(torch.bfloat16), ptb, desc="default")
     del pruned
     for label, importance, allocation, extra in ROWS:
+        if importance == "saap":
+            importance = default.importance
+            extra = extra | {"saap_metrics": default.saap_metrics}
         params = PruneParams(
             ratio=args.ratio, importance=importance, allocation=allocation, **extra
         )
