@@ -58,7 +58,8 @@ def tiny_settings(root: Path) -> None:
         calibration={"num_samples": 8, "holdout_samples": 2, "seq_len": 32},
         importance={
             "batch_size": 2,
-            "estimators": ["taylor_vector", "taylor_element1"],
+            # and the metrics the default prune section fuses (element1, flap)
+            "estimators": ["taylor_vector", "taylor_element1", "flap"],
         },
         prune={"ratio": 0.2, "skip_first": 1, "skip_last": 1},
         evaluate={
