@@ -146,11 +146,12 @@ class PruneParams(Section):
         0.2, description="Fraction of TOTAL parameters to remove, in [0, 1)."
     )
     importance: AnyEstimator = Field(
-        "saap",
-        description="saap (the saap_metrics fused) or any estimator.",
+        "saap_rank",
+        description="saap (the saap_metrics fused on the mean scale), saap_rank "
+        "(fused on the rank scale) or any estimator.",
     )
     saap_metrics: list[FusableEstimator] = Field(
-        default_factory=lambda: ["taylor_element1", "wanda_sp"],
+        default_factory=lambda: ["taylor_element1", "flap"],
         min_length=1,
         description="What SAAP fuses under homoscedastic uncertainty: gradient "
         "(taylor_vector, taylor_vector_group, taylor_element1) and activation "

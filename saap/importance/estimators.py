@@ -258,9 +258,11 @@ def random(
     }
 
 
-# what SAAP fuses by default: the best of the variants measured over three
-# calibration seeds (docs/bench_saap_variants.md)
-SAAP_METRICS = ("taylor_element1", "wanda_sp")
+# what SAAP fuses by default (params.yaml prune.saap_metrics): one gradient and
+# one activation family, element1 and FLAP's fluctuation, measured best on the
+# rank scale over 6-9 calibration seeds (docs/results.md, "The new default
+# against the goals")
+SAAP_METRICS = ("taylor_element1", "flap")
 
 
 def _fused(scores, metrics: tuple[str, ...], scale: str):

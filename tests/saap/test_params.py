@@ -172,8 +172,10 @@ def test_jackknife_must_name_computed_fusable_estimators(tmp_path, capsys):
     path = tmp_path / "params.yaml"
     for text, message in (
         (
-            "importance:\n  estimators: [taylor_element1]\n  jackknife: [flap]\n",
-            r"jackknife names \['flap'\].*add them to importance\.estimators",
+            # SAAP's default inputs (element1, flap) are always computed
+            "importance:\n  estimators: [taylor_element1]\n"
+            "  jackknife: [taylor_vector]\n",
+            r"jackknife names \['taylor_vector'\].*add them to importance\.estimators",
         ),
         (
             "importance:\n  jackknife: [taylor_element1]\n"
