@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from saap.calibration import load_calibration
+from saap.calibration import fit_windows, load_calibration
 from saap.comparison import seed_ratio
 from saap.evaluation.perplexity import perplexity
 from saap.evaluation.report import corpus_windows
@@ -81,7 +81,7 @@ def timed(args, importance_params, default) -> dict:
     pruned = prune_compensated(
         model,
         plan,
-        calibration["input_ids"],
+        fit_windows(calibration),
         scores.input_means,
         calibration.get("holdout_ids"),
     )

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from saap.calibration import load_calibration
+from saap.calibration import fit_windows, load_calibration
 from saap.evaluation.intervals import paired_ratio, perplexity_ratio
 from saap.evaluation.report import evaluate_model
 from saap.finetune import merge, split_records, tokenize_records
@@ -142,6 +142,7 @@ def main() -> None:
     scores = load_scores(args.importance)
     tensors = load_calibration(args.calibration)
     calibration, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+    fit = fit_windows(tensors)
     batch_size = load_section(args.params, "importance").batch_size
     records = read_records(args.data)
     finetune = load_section(args.params, "finetune")
@@ -190,10 +191,12 @@ def main() -> None:
             args.prune_method, ratio, load_section(args.params, "prune")
         )
         # in steps where the method's params ask for them (SAAP at 50%: two)
-        plan = arm_plan(base, params, scores, calibration, holdout, batch_size)
+        plan = arm_plan(
+            base, params, scores, calibration, holdout, batch_size, refit_windows=fit
+        )
         label = pruning_label(args.prune_method, params)
         # the compensation the plan asks for, as the prune stage applies it
-        pruned = prune_compensated(base, plan, calibration, scores.input_means, holdout)
+        pruned = prune_compensated(base, plan, fit, scores.input_means, holdout)
         arms = [("none", 0)] + [
             (m, int(b))
             for b in args.budgets.split(",")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from saap.calibration import make_calibration
+from saap.calibration import fit_windows, make_calibration
 from saap.comparison import seed_ratio, t95
 from saap.evaluation.perplexity import fidelity, perplexity
 from saap.evaluation.report import corpus_windows
@@ -283,6 +283,14 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=None, help="calibration windows")
     parser.add_argument(
+        "--refit-samples",
+        type=int,
+        default=0,
+        help="also run every least-squares variant with its refit fitted on this "
+        "many more windows (calibration.refit_samples; the importance windows are "
+        "the same either way), as a row of its own: '<label>, refit +N windows'",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         default=None,
@@ -315,6 +323,7 @@ def main() -> None:
     calibration = load_section("params.yaml", "calibration")
     if args.samples:
         calibration = calibration.model_copy(update={"num_samples": args.samples})
+    calibration = calibration.model_copy(update={"refit_samples": args.refit_samples})
     base_prune = load_section("params.yaml", "prune")
     batch_size = load_section("params.yaml", "importance").batch_size
     estimators = args.estimators or list(ImportanceParams().estimators)
@@ -343,6 +352,7 @@ def main() -> None:
         calib = calibration.model_copy(update={"seed": seed})
         tensors, _ = make_calibration(tokenizer, args.text, calib)
         windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+        more = fit_windows(tensors)
 
         def measure(group_scores, layers, holdout=holdout):
             dense = copy.deepcopy(model).to(dtype)
@@ -381,31 +391,37 @@ def main() -> None:
                     | NEUTRAL
                     | overrides
                 )
-                if params.steps > 1:
-                    build = None
-                    if label in REFIT_BETWEEN:
-                        build = compensating_build(
-                            model, params, windows, scores.input_means, holdout
+                fits = {label: windows}
+                if args.refit_samples and params.least_squares:
+                    fits[f"{label}, refit +{args.refit_samples} windows"] = more
+                for row_label, fit in fits.items():
+                    if params.steps > 1:
+                        build = None
+                        if label in REFIT_BETWEEN:
+                            build = compensating_build(
+                                model, params, fit, scores.input_means, holdout
+                            )
+                        plan = iterative_plan(
+                            model, windows, params, scores, batch_size, False, build
                         )
-                    plan = iterative_plan(
-                        model, windows, params, scores, batch_size, False, build
+                        plan.prune_attention = params.prune_attention
+                        record_compensation(plan, params)
+                    else:
+                        plan = build_arm_plan(scores, shapes, total, params, measure)
+                    pruned = prune_compensated(
+                        model, plan, fit, scores.input_means, holdout
+                    ).to(dtype)
+                    row = {c: perplexity(pruned, w) for c, w in corpora.items()}
+                    if reference is not None:
+                        with torch.no_grad():
+                            kl, _ = fidelity(reference, pruned, kl_windows)
+                        row["kl"] = float(kl.mean())
+                    row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
+                    results.setdefault(f"{ratio}", {}).setdefault(row_label, []).append(
+                        row
                     )
-                    plan.prune_attention = params.prune_attention
-                    record_compensation(plan, params)
-                else:
-                    plan = build_arm_plan(scores, shapes, total, params, measure)
-                pruned = prune_compensated(
-                    model, plan, windows, scores.input_means, holdout
-                ).to(dtype)
-                row = {c: perplexity(pruned, w) for c, w in corpora.items()}
-                if reference is not None:
-                    with torch.no_grad():
-                        kl, _ = fidelity(reference, pruned, kl_windows)
-                    row["kl"] = float(kl.mean())
-                row |= {"seed": seed, "achieved_ratio": plan.achieved_ratio}
-                results.setdefault(f"{ratio}", {}).setdefault(label, []).append(row)
-                print(f"{ratio} {label} seed {seed}: {row}", flush=True)
-                del pruned
+                    print(f"{ratio} {row_label} seed {seed}: {row}", flush=True)
+                    del pruned
         # free this seed's statistics before the next seed's pass builds its own
         # (otherwise two seeds' live at once: the 128-window run hit 23.9 GB)
         del stats, scores
@@ -420,6 +436,7 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         f"{' '.join(map(str, args.seeds))} --ratios "
         f"{' '.join(map(str, args.ratios))}"
         + (f" --samples {args.samples}" if args.samples else "")
+        + (f" --refit-samples {args.refit_samples}" if args.refit_samples else "")
         + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
         + (" --exact" if args.exact else "")
         + (" --kl" if args.kl else "")

@@ -111,13 +111,27 @@ def sample_windows(
     Each window lies inside one document that is long enough; returns the
     ``(num_windows, seq_len)`` ids and the ``(document, offset)`` of each window.
     """
+    return sample_window_sets(token_ids, [num_windows], seq_len, seed)[0]
+
+
+def sample_window_sets(
+    token_ids: list[list[int]],
+    sizes: list[int],
+    seq_len: int,
+    seed: int,
+) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Disjoint sets of windows (``sizes[k]`` windows each) from one seeded draw
+    of non-overlapping window slots: the first set is exactly what
+    :func:`sample_windows` draws for ``sizes[0]``, whatever later sets ask."""
+    num_windows = sum(sizes)
     long_docs = [i for i, ids in enumerate(token_ids) if len(ids) >= seq_len]
     capacity = sum(len(token_ids[i]) // seq_len for i in long_docs)
     if capacity < num_windows:
         raise DataError(
             f"calibration text yields {capacity} non-overlapping windows of {seq_len} "
-            f"tokens, fewer than the {num_windows} requested; lower num_samples or "
-            "seq_len, or calibrate on a longer corpus"
+            f"tokens, fewer than the {num_windows} requested; lower num_samples "
+            "(or holdout_samples, refit_samples) or seq_len, or calibrate on a "
+            "longer corpus"
         )
     generator = torch.Generator().manual_seed(seed)
     # all non-overlapping window slots, then a seeded choice among them
@@ -125,9 +139,14 @@ def sample_windows(
         (i, k * seq_len) for i in long_docs for k in range(len(token_ids[i]) // seq_len)
     ]
     order = torch.randperm(len(slots), generator=generator)[:num_windows].tolist()
-    chosen = sorted(slots[j] for j in order)
-    windows = torch.tensor(
-        [token_ids[doc][start : start + seq_len] for doc, start in chosen],
-        dtype=torch.long,
-    )  # (num_windows, seq_len)
-    return windows, chosen
+    sets = []
+    start = 0
+    for size in sizes:
+        chosen = sorted(slots[j] for j in order[start : start + size])
+        start += size
+        windows = torch.tensor(
+            [token_ids[doc][at : at + seq_len] for doc, at in chosen],
+            dtype=torch.long,
+        ).reshape(len(chosen), seq_len)  # (size, seq_len)
+        sets.append((windows, chosen))
+    return sets

@@ -178,10 +178,13 @@ def stepped_plan(
     progress: bool = True,
     attention_fallback: bool = False,
     per_window: str = "stored",
+    refit_windows: torch.Tensor | None = None,
 ) -> Plan:
     """The plan of ``params.steps`` steps as the prune stage builds it: later
     steps score the compensated model where ``params`` compensates (the refit
-    between steps), the compensation settings recorded in the plan. With
+    between steps, fitted on ``refit_windows``: default ``windows``, the ones
+    scored; saap.calibration.fit_windows), the compensation settings recorded
+    in the plan. With
     ``attention_fallback``, a ratio that MLP channels alone cannot reach prunes
     attention heads as well (:func:`saap.plan.one_shot_plan`, the comparison's rule).
     Either way a one-shot plan of the whole ratio is made first, so a ratio no
@@ -191,7 +194,8 @@ def stepped_plan(
     _, params = one_shot_plan(scores, shapes, total, params, attention_fallback)
     build = None
     if params.least_squares or params.bias_compensation:
-        build = compensating_build(model, params, windows, scores.input_means, holdout)
+        fit = windows if refit_windows is None else refit_windows
+        build = compensating_build(model, params, fit, scores.input_means, holdout)
     plan = iterative_plan(
         model, windows, params, scores, batch_size, progress, build, per_window
     )

@@ -148,12 +148,15 @@ def arm_plan(
     batch_size: int = 4,
     progress: bool = False,
     per_window: str = "stored",
+    refit_windows=None,
 ) -> Plan:
     """A method's plan as the prune stage builds it: in ``params.steps`` steps
     (re-scored between, refit between where ``params`` compensate) where the
     params ask for more than one, else in one shot; either way with the
     attention fallback of :func:`build_arm_plan`. ``windows`` (and ``holdout``,
-    for a chosen ridge): the calibration windows the scores came from."""
+    for a chosen ridge): the calibration windows the scores came from;
+    ``refit_windows``: what the refit between steps fits on (default
+    ``windows``; saap.calibration.fit_windows)."""
     if params.steps > 1:
         if windows is None:
             raise PruningError(
@@ -171,6 +174,7 @@ def arm_plan(
             progress=progress,
             attention_fallback=True,
             per_window=per_window,
+            refit_windows=refit_windows,
         )
     return build_arm_plan(scores, layer_shapes(model), count_params(model), params)
 

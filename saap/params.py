@@ -64,6 +64,14 @@ class CalibrationParams(Section):
     holdout_samples: int = Field(
         8, ge=0, description="Extra windows held back for performance-bound search."
     )
+    refit_samples: int = Field(
+        0,
+        ge=0,
+        description="Extra windows for prune.least_squares's refit only (fitted "
+        "on num_samples + refit_samples windows; importance still scores on "
+        "num_samples): disjoint from the others. 0: the refit fits on the "
+        "importance windows.",
+    )
     seq_len: int = Field(128, gt=1, description="Tokens per window.")
     seed: int = Field(0, description="Seed of the window sampling.")
 

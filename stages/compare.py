@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from saap.atomic import atomic_dir, write_json
-from saap.calibration import load_calibration
+from saap.calibration import fit_windows, load_calibration
 from saap.errors import DataError, SaapError
 from saap.evaluation.bench import benchmark_against, benchmark_with
 from saap.evaluation.report import evaluate_model
@@ -197,11 +197,12 @@ def run_arm(
         scores = load_scores(importance_dirs[seed])
         started = time.perf_counter()
         seed_params = prune_params.model_copy(update={"seed": seed})
-        windows = holdout = None
+        windows = holdout = fit = None
         if seed_params.least_squares or seed_params.steps > 1:
             # the seed's calibration windows are saved beside its scores
             tensors = load_calibration(importance_dirs[seed])
             windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+            fit = fit_windows(tensors)
         plan = arm_plan(
             base_model,
             seed_params,
@@ -210,10 +211,9 @@ def run_arm(
             holdout,
             batch_size,
             per_window=per_window,
+            refit_windows=fit,
         )
-        pruned = prune_compensated(
-            base_model, plan, windows, scores.input_means, holdout
-        )
+        pruned = prune_compensated(base_model, plan, fit, scores.input_means, holdout)
         prune_s = time.perf_counter() - started
         plan.seed = seed
         (plans_out / f"plan-seed{seed}.json").write_text(plan.dumps())

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from saap.atomic import atomic_dir
-from saap.calibration import load_calibration
+from saap.calibration import fit_windows, load_calibration
 from saap.errors import DataError
 from saap.model import count_params, load_model, save_checkpoint
 from saap.plan import load_plan
@@ -42,7 +42,7 @@ def run(
                 "calibration windows: pass --calibration data/calibration"
             )
         tensors = load_calibration(calibration_dir)
-        windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
+        windows, holdout = fit_windows(tensors), tensors.get("holdout_ids")
     pruned = prune_compensated(model, plan, windows, means, holdout)
     summary = {
         "base_params": count_params(model),

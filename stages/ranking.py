@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from saap.atomic import atomic_dir
-from saap.calibration import load_calibration
+from saap.calibration import fit_windows, load_calibration
 from saap.errors import DataError
 from saap.evaluation.perplexity import perplexity
 from saap.iterative import stepped_plan
@@ -72,6 +72,7 @@ def run(
             batch_size,
             calibration.get("holdout_ids"),
             per_window=per_window,
+            refit_windows=fit_windows(calibration),
         )
     else:
         plan = plan_from_scores(
