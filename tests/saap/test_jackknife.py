@@ -9,7 +9,7 @@ import torch
 from saap.errors import DataError, PruningError
 from saap.fusion import jackknife_sigma
 from saap.importance import stats as stats_module
-from saap.importance.estimators import collect_for, jackknifed
+from saap.importance.estimators import collect_for, jackknifed, with_fusion_inputs
 from saap.importance.stats import collect_statistics, layer_projections
 from saap.model import load_model
 from saap.scores import scores_from_stats
@@ -178,7 +178,8 @@ def test_jackknife_list_limits_the_replicates_and_changes_no_score(
     chosen = ["taylor_element1", "wanda_sp"]
     stats = collect_for(model, windows, 3, names, progress=False, jackknife=chosen)
     some = scores_from_stats(stats, names, 0, {}, jackknife=chosen)
-    assert set(every.replicates) == set(names)
+    # SAAP's default inputs (element1, flap) are always computed
+    assert set(every.replicates) == set(with_fusion_inputs(names))
     assert set(some.replicates) == set(chosen)
     # the per-window pass evaluated no other metric's salience
     assert set(stats.layers[0].loo_atoms) == {"taylor_element1"}
