@@ -351,7 +351,39 @@ class _Stream:
 
 
 def _error(linear_w, linear_b, x, y) -> float:
-    return float((x @ linear_w.T + linear_b - y).square().sum())
+    """``sum_t ||W x_t + b - y_t||^2``, the product in float32 (it only ranks
+    ridges and reports errors), the sum in float64."""
+    out = x.float() @ linear_w.float().T + linear_b.float()
+    return float((out - y.float()).double().square().sum())
+
+
+# tokens per float32 product in :func:`fit_moments_of`
+MOMENT_CHUNK = 2048
+
+
+def fit_moments_of(
+    x: torch.Tensor, y: torch.Tensor, chunk: int = MOMENT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor, float]:
+    """The moments a ridge fit of ``y`` on ``x`` (tokens, C) needs: ``sum x x^T``,
+    ``sum x``, the token count, ``sum y x^T``, ``sum y`` and ``sum ||y||^2``,
+    float64. Each block of ``chunk`` tokens is multiplied in float32 (about twice
+    float64's speed on CPU) and the blocks are summed in float64, so the
+    rounding stays that of a ``chunk``-token float32 sum."""
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    k, m = x.shape[1], y.shape[1]
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    cross = torch.zeros(m, k, dtype=torch.float64)
+    x_total = torch.zeros(k, dtype=torch.float64)
+    y_total = torch.zeros(m, dtype=torch.float64)
+    squares = 0.0
+    for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+        xs, ys = xs.float(), ys.float()
+        gram += xs.T @ xs
+        cross += ys.T @ xs
+        x_total += xs.double().sum(0)
+        y_total += ys.double().sum(0)
+        squares += float(ys.double().square().sum())
+    return gram, x_total, float(x.shape[0]), cross, y_total, squares
 
 
 def moment_error(
@@ -434,16 +466,9 @@ def sequential_refit(
                 continue  # nothing cut
             kept = _kept_inputs(entry, which, head_dim)
             x, y = fit.fit_data(target, which, dense_layer, layer, kept)
-            x64, y64 = x.double(), y.double()
             w0 = linear.weight.double()
-            moments = (
-                x64.T @ x64,
-                x64.sum(0),
-                float(x64.shape[0]),
-                y64.T @ x64,
-                y64.sum(0),
-                w0,
-            )
+            *moments, squares = fit_moments_of(x, y)
+            moments = (*moments, w0)
             b0 = (
                 linear.bias.double()
                 if linear.bias is not None
@@ -455,14 +480,12 @@ def sequential_refit(
             chosen = 0
             if check is not None:
                 xh, yh = check.fit_data(target, which, dense_layer, layer, kept)
-                xh, yh = xh.double(), yh.double()
                 errors = [_error(w, b, xh, yh) for w, b in fits]
                 chosen = min(range(len(fits)), key=errors.__getitem__)
-                scale_h = float(yh.square().sum().clamp_min(1e-30))
+                scale_h = max(float(yh.double().square().sum()), 1e-30)
                 row["holdout_before"] = _error(w0, b0, xh, yh) / scale_h
                 row["holdout_after"] = errors[chosen] / scale_h
             new_w, new_b = fits[chosen]
-            squares = float(y64.square().sum())
             scale = max(squares, 1e-30)
             fit_moments = (*moments[:5], squares)
             row["ridge"] = candidates[chosen]
