@@ -219,6 +219,69 @@ VARIANTS: dict[str, dict] = {
     "SAAP element1+wanda_sp, sensitivity": dict(
         saap_metrics=MIXED, allocation="sensitivity"
     ),
+    # ablation of the rank-scale default (element1 + FLAP's fluctuation), one
+    # part off at a time. 20% (one step): uniform allocation; the fusion on the
+    # mean scale; one score alone ("element1 only" / "FLAP only, adaptive, +
+    # sequential least squares, ridge chosen"); bias compensation or none
+    # instead of the refit
+    "SAAP rank element1+flap, uniform, + sequential least squares, ridge chosen": (
+        dict(
+            importance="saap_rank",
+            saap_metrics=["taylor_element1", "flap"],
+            allocation="uniform",
+            **SEQUENTIAL_LS,
+        )
+    ),
+    "SAAP element1+flap, adaptive, + sequential least squares, ridge chosen": dict(
+        importance="saap", saap_metrics=["taylor_element1", "flap"], **SEQUENTIAL_LS
+    ),
+    "SAAP rank element1+flap, adaptive, + bias comp.": dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        bias_compensation=True,
+    ),
+    "SAAP rank element1+flap, adaptive": dict(
+        importance="saap_rank", saap_metrics=["taylor_element1", "flap"]
+    ),
+    # 50% (two steps, the refit between): the same parts off; one step is the
+    # 20% default's row
+    "SAAP rank element1+flap, uniform, + sequential least squares, ridge chosen, "
+    "2 steps, refit between": TWO_STEPS
+    | dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        allocation="uniform",
+    ),
+    "SAAP element1+flap, + sequential least squares, ridge chosen, 2 steps, refit "
+    "between": TWO_STEPS
+    | dict(importance="saap", saap_metrics=["taylor_element1", "flap"]),
+    "FLAP only, adaptive, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between": TWO_STEPS | dict(importance="flap"),
+    "SAAP rank element1+flap, + bias comp., 2 steps, refit between": TWO_STEPS
+    | dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        least_squares=False,
+        bias_compensation=True,
+        ridge_grid=None,
+    ),
+    "SAAP rank element1+flap, no compensation, 2 steps": TWO_STEPS
+    | dict(
+        importance="saap_rank",
+        saap_metrics=["taylor_element1", "flap"],
+        least_squares=False,
+        ridge_grid=None,
+    ),
+}
+# "SAAP ..." labels without "rank" are the fusion on the mean scale (importance
+# saap), whatever params.yaml's prune.importance is
+VARIANTS = {
+    label: (
+        {"importance": "saap"} | overrides
+        if label.startswith("SAAP ") and not label.startswith("SAAP rank")
+        else overrides
+    )
+    for label, overrides in VARIANTS.items()
 }
 REFERENCE = next(iter(VARIANTS))
 # iterative variants whose later steps score the compensated model
@@ -291,6 +354,14 @@ def main() -> None:
         "the same either way), as a row of its own: '<label>, refit +N windows'",
     )
     parser.add_argument(
+        "--base-refit-samples",
+        type=int,
+        default=0,
+        help="windows added to every least-squares row's refit (the pipeline's "
+        "default is params.yaml's calibration.refit_samples); --refit-samples "
+        "rows add theirs instead",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         default=None,
@@ -323,7 +394,9 @@ def main() -> None:
     calibration = load_section("params.yaml", "calibration")
     if args.samples:
         calibration = calibration.model_copy(update={"num_samples": args.samples})
-    calibration = calibration.model_copy(update={"refit_samples": args.refit_samples})
+    calibration = calibration.model_copy(
+        update={"refit_samples": args.base_refit_samples}
+    )
     base_prune = load_section("params.yaml", "prune")
     batch_size = load_section("params.yaml", "importance").batch_size
     estimators = args.estimators or list(ImportanceParams().estimators)
@@ -352,7 +425,10 @@ def main() -> None:
         calib = calibration.model_copy(update={"seed": seed})
         tensors, _ = make_calibration(tokenizer, args.text, calib)
         windows, holdout = tensors["input_ids"], tensors.get("holdout_ids")
-        more = fit_windows(tensors)
+        base_fit = fit_windows(tensors)
+        if args.refit_samples:
+            more_calib = calib.model_copy(update={"refit_samples": args.refit_samples})
+            more = fit_windows(make_calibration(tokenizer, args.text, more_calib)[0])
 
         def measure(group_scores, layers, holdout=holdout):
             dense = copy.deepcopy(model).to(dtype)
@@ -391,7 +467,7 @@ def main() -> None:
                     | NEUTRAL
                     | overrides
                 )
-                fits = {label: windows}
+                fits = {label: base_fit if params.least_squares else windows}
                 if args.refit_samples and params.least_squares:
                     fits[f"{label}, refit +{args.refit_samples} windows"] = more
                 for row_label, fit in fits.items():
@@ -437,6 +513,11 @@ def write_report(args, results, dense, seconds, sigmas, calib_shape) -> None:
         f"{' '.join(map(str, args.ratios))}"
         + (f" --samples {args.samples}" if args.samples else "")
         + (f" --refit-samples {args.refit_samples}" if args.refit_samples else "")
+        + (
+            f" --base-refit-samples {args.base_refit_samples}"
+            if args.base_refit_samples
+            else ""
+        )
         + (" --only " + " ".join(f"'{o}'" for o in args.only) if args.only else "")
         + (" --exact" if args.exact else "")
         + (" --kl" if args.kl else "")
