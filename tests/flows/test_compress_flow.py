@@ -205,10 +205,13 @@ def test_stage_past_its_timeout_is_killed_and_outputs_kept(project):
         text=True,
     )
     assert status.returncode == 0, status.stderr
+    # this project's stage only: a pipeline run elsewhere on the machine may
+    # have a finetune stage of its own
     leftover = [
         p.pid
-        for p in psutil.process_iter(["cmdline"])
+        for p in psutil.process_iter(["cmdline", "cwd"])
         if "stages.finetune" in " ".join(p.info["cmdline"] or [])
+        and p.info["cwd"] == str(project.resolve())
     ]
     assert leftover == []
 
