@@ -44,6 +44,9 @@ from saap.sensitivity import measure_sensitivity
 GRADIENT = ["taylor_vector", "taylor_element1"]
 MIXED = ["taylor_element1", "wanda_sp"]
 ALL4 = ["taylor_vector", "taylor_element1", "wanda_sp", "flap"]
+EF = ["taylor_element1", "flap"]
+# the default's scores: element1 and FLAP's fluctuation fused on the rank scale
+RANK_EF: dict = dict(importance="saap_rank", saap_metrics=EF)
 # every variant starts from the project's prune section with no compensation,
 # one step and unrounded widths: a variant names what it adds (otherwise the
 # baselines would inherit the pipeline's compensation from params.yaml)
@@ -176,8 +179,7 @@ VARIANTS: dict[str, dict] = {
         importance="saap_rank", saap_metrics=[*MIXED, "flap"], **SEQUENTIAL_LS
     ),
     "SAAP rank element1+flap, adaptive, + sequential least squares, ridge chosen": dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         **SEQUENTIAL_LS,
     ),
     "SAAP rank element1+wanda_sp+flap, global, + sequential least squares, "
@@ -192,13 +194,11 @@ VARIANTS: dict[str, dict] = {
     "SAAP element1+wanda_sp, + sequential least squares, ridge chosen, 2 steps, "
     "MLP only, refit between": TWO_STEPS | dict(prune_attention=False),
     "SAAP rank element1+flap, + sequential least squares, ridge chosen, 2 steps, "
-    "refit between": TWO_STEPS
-    | dict(importance="saap_rank", saap_metrics=["taylor_element1", "flap"]),
+    "refit between": TWO_STEPS | dict(RANK_EF),
     "SAAP rank element1+flap, + sequential least squares, ridge chosen, 2 steps, "
     "MLP only, refit between": TWO_STEPS
     | dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         prune_attention=False,
     ),
     # ablation of the 50% default (two steps, the refit between), one part off
@@ -226,49 +226,41 @@ VARIANTS: dict[str, dict] = {
     # instead of the refit
     "SAAP rank element1+flap, uniform, + sequential least squares, ridge chosen": (
         dict(
-            importance="saap_rank",
-            saap_metrics=["taylor_element1", "flap"],
+            **RANK_EF,
             allocation="uniform",
             **SEQUENTIAL_LS,
         )
     ),
     "SAAP element1+flap, adaptive, + sequential least squares, ridge chosen": dict(
-        importance="saap", saap_metrics=["taylor_element1", "flap"], **SEQUENTIAL_LS
+        importance="saap", saap_metrics=EF, **SEQUENTIAL_LS
     ),
     "SAAP rank element1+flap, adaptive, + bias comp.": dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         bias_compensation=True,
     ),
-    "SAAP rank element1+flap, adaptive": dict(
-        importance="saap_rank", saap_metrics=["taylor_element1", "flap"]
-    ),
+    "SAAP rank element1+flap, adaptive": dict(RANK_EF),
     # 50% (two steps, the refit between): the same parts off; one step is the
     # 20% default's row
     "SAAP rank element1+flap, uniform, + sequential least squares, ridge chosen, "
     "2 steps, refit between": TWO_STEPS
     | dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         allocation="uniform",
     ),
     "SAAP element1+flap, + sequential least squares, ridge chosen, 2 steps, refit "
-    "between": TWO_STEPS
-    | dict(importance="saap", saap_metrics=["taylor_element1", "flap"]),
+    "between": TWO_STEPS | dict(importance="saap", saap_metrics=EF),
     "FLAP only, adaptive, + sequential least squares, ridge chosen, 2 steps, "
     "refit between": TWO_STEPS | dict(importance="flap"),
     "SAAP rank element1+flap, + bias comp., 2 steps, refit between": TWO_STEPS
     | dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         least_squares=False,
         bias_compensation=True,
         ridge_grid=None,
     ),
     "SAAP rank element1+flap, no compensation, 2 steps": TWO_STEPS
     | dict(
-        importance="saap_rank",
-        saap_metrics=["taylor_element1", "flap"],
+        **RANK_EF,
         least_squares=False,
         ridge_grid=None,
     ),
