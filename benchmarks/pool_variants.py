@@ -6,9 +6,9 @@ the geometric mean of the per-seed ratios with its 95% t-interval
 (``saap.comparison.seed_ratio``), the mean and sample sd of each side, and
 whether the interval excludes a tie. Usage::
 
-    .venv/bin/python benchmarks/pool_variants.py docs/bench_a.json docs/bench_b.json \
-        --reference 'SAAP rank element1+flap, adaptive, + sequential least squares, ridge chosen' \
-        --ratio 0.2 [--variants LABEL ...] [--out docs/bench_pooled.md]
+    .venv/bin/python benchmarks/pool_variants.py docs/bench_a.json \
+        docs/bench_b.json --reference LABEL --ratio 0.2 \
+        [--variants LABEL ...] [--out docs/bench_pooled.md]
 """
 
 from __future__ import annotations
