@@ -81,6 +81,7 @@ def run_arm_experiment(project: str, method: str, ratio: float, name: str) -> di
         )
     record["experiment"] = name
     record["revision"] = code_revision(root)
+    record["commit"] = commit_of(root)
     logger.info("arm %s @ %.2f: %.0f s", method, ratio, time.perf_counter() - started)
     return record
 
@@ -90,28 +91,61 @@ def arm_file(gathered: Path, method: str, ratio: float) -> Path:
     return gathered / f"{method}-{ratio}.json"
 
 
+CODE = ("saap", "stages", "flows", "dvc.yaml", "compare/dvc.yaml", "requirements.lock")
+
+
+def _git(root: Path, *args: str) -> bytes | None:
+    try:
+        result = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, check=False
+        )
+    except OSError:
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _code_files(root: Path) -> list[str]:
+    """The files of ``CODE`` as they are on disk: tracked and untracked (not
+    ignored) where ``root`` is a git checkout, every file but caches otherwise."""
+    listed = _git(root, "ls-files", "-z", "-c", "-o", "--exclude-standard", "--", *CODE)
+    if listed is not None:
+        names = {n for n in listed.decode().split("\0") if n}
+        return sorted(n for n in names if (root / n).is_file())
+    found = []
+    for name in CODE:
+        path = root / name
+        candidates = [path] if path.is_file() else sorted(path.rglob("*"))
+        for file in candidates:
+            if file.is_file() and "__pycache__" not in file.parts:
+                found.append(file.relative_to(root).as_posix())
+    return sorted(found)
+
+
 def code_revision(root: Path) -> str:
-    """The code and params an arm ran with: git HEAD, plus a hash of the
-    uncommitted changes to tracked files and of params.yaml without the arm's own
-    method and ratio. One table is gathered from arms of one revision only."""
+    """The code and params an arm ran with: a hash of the content of the code
+    (``CODE``, as on disk, committed or not) and of params.yaml without the arm's
+    own method and ratio. One table is gathered from arms of one revision only.
+    It names content, not a commit: a commit that changes only docs or tests
+    keeps it, so a comparison run can be continued across checkouts."""
     import hashlib
 
     import yaml
 
-    def git(*args: str) -> bytes:
-        result = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, check=False
-        )
-        return result.stdout if result.returncode == 0 else b""
-
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     params.get("compare", {}).pop("method", None)
     params.get("compare", {}).pop("ratio", None)
-    code = ("saap", "stages", "flows", "dvc.yaml", "compare/dvc.yaml")
-    digest = hashlib.sha256(git("diff", "HEAD", "--", *code))
+    digest = hashlib.sha256()
+    for name in _code_files(root):
+        digest.update(name.encode() + b"\0")
+        digest.update(hashlib.sha256((root / name).read_bytes()).digest())
     digest.update(json.dumps(params, sort_keys=True).encode())
-    head = git("rev-parse", "HEAD").decode().strip() or "no-git"
-    return f"{head[:12]}+{digest.hexdigest()[:12]}"
+    return f"code-{digest.hexdigest()[:16]}"
+
+
+def commit_of(root: Path) -> str:
+    """git HEAD (12 digits) where an arm ran; "no-git" outside a checkout."""
+    head = _git(root, "rev-parse", "HEAD")
+    return head.decode().strip()[:12] if head else "no-git"
 
 
 def _pass_seconds(rows: list[dict]) -> str:
@@ -167,7 +201,8 @@ def write_report(
             "paired bootstrap 95% interval; 'vs best of ratio': 'below best' only "
             "where the paired difference to the best row of that ratio excludes 0, "
             "else 'not separated'. Every arm ran at one code revision "
-            f"(`{revision}`)"
+            f"(`{revision}`: the content of {', '.join(CODE)} and params.yaml"
+            f"{_commits_text(records)})"
             + (
                 f"; this report was rendered from the gathered arms at `{rendered}`."
                 if rendered and rendered != revision
@@ -196,6 +231,13 @@ def write_report(
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def _commits_text(records: list[dict] | None) -> str:
+    commits = sorted({r["commit"] for r in records or [] if r.get("commit")})
+    if not commits:
+        return ""
+    return "; run at commit " + ", ".join(f"`{c}`" for c in commits)
 
 
 def _speed_text(rows: list[dict]) -> str:
