@@ -366,9 +366,10 @@ def fit_moments_of(
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor, float]:
     """The moments a ridge fit of ``y`` on ``x`` (tokens, C) needs: ``sum x x^T``,
     ``sum x``, the token count, ``sum y x^T``, ``sum y`` and ``sum ||y||^2``,
-    float64. Each block of ``chunk`` tokens is multiplied in float32 (about twice
-    float64's speed on CPU) and the blocks are summed in float64, so the
-    rounding stays that of a ``chunk``-token float32 sum."""
+    float64. Each block of ``chunk`` tokens is multiplied in float32 (1.6x
+    float64's speed on this project's 2-core CPU: a Gram matrix in 0.40 s
+    against 0.64 s) and the blocks are summed in float64, so the rounding stays
+    that of a ``chunk``-token float32 sum."""
     x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     k, m = x.shape[1], y.shape[1]
     gram = torch.zeros(k, k, dtype=torch.float64)
@@ -468,7 +469,6 @@ def sequential_refit(
             x, y = fit.fit_data(target, which, dense_layer, layer, kept)
             w0 = linear.weight.double()
             *moments, squares = fit_moments_of(x, y)
-            moments = (*moments, w0)
             b0 = (
                 linear.bias.double()
                 if linear.bias is not None
@@ -476,7 +476,7 @@ def sequential_refit(
             )
             row = {"layer": index, "projection": which}
             candidates = ridges or [ridge]
-            fits = [ridge_solve(*moments, r) for r in candidates]
+            fits = [ridge_solve(*moments, w0, r) for r in candidates]
             chosen = 0
             if check is not None:
                 xh, yh = check.fit_data(target, which, dense_layer, layer, kept)
@@ -487,10 +487,9 @@ def sequential_refit(
                 row["holdout_after"] = errors[chosen] / scale_h
             new_w, new_b = fits[chosen]
             scale = max(squares, 1e-30)
-            fit_moments = (*moments[:5], squares)
             row["ridge"] = candidates[chosen]
-            row["error_before"] = moment_error(w0, b0, *fit_moments) / scale
-            row["error_after"] = moment_error(new_w, new_b, *fit_moments) / scale
+            row["error_before"] = moment_error(w0, b0, *moments, squares) / scale
+            row["error_after"] = moment_error(new_w, new_b, *moments, squares) / scale
             _set_linear(linear, new_w, new_b)
             report.append(row)
         for stream in (fit, check):
