@@ -53,7 +53,7 @@ setup:
 run: setup
 	$(BIN)/saap run
 
-# the side-by-side comparison (docs/results.md); about an hour on 2 cores
+# the side-by-side comparison (docs/results.md); about 100 min on 2 cores (6 seeds)
 compare: $(STAMP)
 	$(BIN)/saap compare
 
