@@ -264,6 +264,12 @@ VARIANTS: dict[str, dict] = {
         least_squares=False,
         ridge_grid=None,
     ),
+    # the rank-scale default with every kept MLP width a whole number of
+    # llama.cpp's q8_0 / q4_0 blocks (32 values), at 20% and at 50%
+    "SAAP rank element1+flap, adaptive, + sequential least squares, ridge chosen, "
+    "widths x32": dict(**RANK_EF, width_multiple=32, **SEQUENTIAL_LS),
+    "SAAP rank element1+flap, + sequential least squares, ridge chosen, 2 steps, "
+    "refit between, widths x32": TWO_STEPS | dict(**RANK_EF, width_multiple=32),
 }
 # "SAAP ..." labels without "rank" are the fusion on the mean scale (importance
 # saap), whatever params.yaml's prune.importance is
