@@ -171,6 +171,91 @@ class _ChunkedKD(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
+def _kl_rows_to_full_teacher(z, zt, temperature: float, coef, want_grad: bool):
+    """One chunk of the full-teacher KL in a single pass per row: the KL's sum
+    over the rows and, with ``want_grad``, ``coef * (softmax(z/T) -
+    softmax(zt/T))`` in ``z``'s dtype. The same arithmetic as
+    :func:`_teacher_logits_term` (float32 softmaxes); compiled by
+    :func:`fused_kl_rows` so that the float32 log-softmaxes, the exponentials
+    and the gradient never exist as separate (rows, V) tensors."""
+    ls = torch.log_softmax(z.float() / temperature, -1)
+    lt = torch.log_softmax(zt.float() / temperature, -1)
+    pt = lt.exp()
+    kl = (pt * (lt - ls)).sum()
+    if not want_grad:
+        return kl, None
+    return kl, ((ls.exp() - pt) * coef).to(z.dtype)
+
+
+# the compiled chunk step: None until first asked for, False where compiling
+# failed or is switched off (SAAP_KD_COMPILE=0); see fused_kl_rows
+_FUSED: dict[str, object] = {}
+
+# below this many logits per chunk the eager chunk step is used: compiling
+# costs 2-18 s per shape (cached across runs), a tiny model gains nothing
+FUSED_MIN_LOGITS = 1 << 20
+
+
+def fused_kl_rows(rows: int, vocab: int):
+    """:func:`_kl_rows_to_full_teacher` compiled by torch.compile (inductor's
+    C++ kernels fuse the softmaxes, the KL and the gradient into passes over
+    each row), or None where it does not pay or cannot run: chunks under
+    ``FUSED_MIN_LOGITS`` logits, ``SAAP_KD_COMPILE=0``, or a machine whose
+    first compile failed (no C++ compiler: the eager step is used from then on,
+    with a warning). Measured in benchmarks/kd_throughput.py."""
+    import os
+
+    if rows * vocab < FUSED_MIN_LOGITS or os.environ.get("SAAP_KD_COMPILE") == "0":
+        return None
+    state = _FUSED.get("fn")
+    if state is False:
+        return None
+    if state is None:
+        state = _FUSED["fn"] = torch.compile(
+            _kl_rows_to_full_teacher, dynamic=False, fullgraph=True
+        )
+    return _guarded(state)
+
+
+def _guarded(compiled):
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds)
+            _FUSED["fn"] = False
+            log.warning(
+                "torch.compile of the distillation loss failed (%s: %s); using "
+                "the eager loss from now on (slower, same values to rounding)",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            return _kl_rows_to_full_teacher(*args)
+
+    return call
+
+
+@contextlib.contextmanager
+def frozen_token_embeddings(model, freeze: bool):
+    """With ``freeze``: the input embedding and the output projection (one
+    tied matrix in SmolLM2) not trained while inside, as they were after.
+    Pruning never cuts them, so the student keeps the dense model's own
+    vocabulary matrix and learns to reach its hidden states; the step skips the
+    (V, H) weight gradient, its casts and its optimizer update."""
+    weights = []
+    if freeze:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.requires_grad:
+                weights.append(weight)
+    for weight in weights:
+        weight.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for weight in weights:
+            weight.requires_grad_(True)
+
+
 def _teacher_logits_term(t_hidden, t_weight, scaled):
     """Per chunk: the KL to the teacher's full distribution (sum over rows) and,
     where wanted, its gradient with respect to the student's scaled logits,
@@ -233,15 +318,32 @@ def _chunked_kd(hidden, weight, teacher, labels, temperature, alpha, want_grad):
         w, h_all = weight.to(dtype), hidden.to(dtype)
         kind, t_a, t_b = teacher
         if kind == "logits":
-            term = _teacher_logits_term(t_a.to(dtype), t_b.to(dtype), scaled)
+            t_a, t_b = t_a.to(dtype), t_b.to(dtype)
+            term = _teacher_logits_term(t_a, t_b, scaled)
         else:
             term = _teacher_topk_term(t_a.reshape(n, -1), t_b.reshape(n, -1))
         grad_logits = torch.empty(n, w.shape[0], dtype=dtype) if want_grad else None
         kl_sum = torch.zeros((), dtype=torch.float64)
         ce_sum = torch.zeros((), dtype=torch.float64)
+        fused = (
+            fused_kl_rows(min(KD_CHUNK_ROWS, n), w.shape[0])
+            if kind == "logits" and alpha >= 1.0
+            else None
+        )
         for start in range(0, n, KD_CHUNK_ROWS):
             rows = slice(start, min(start + KD_CHUNK_ROWS, n))
             z = h_all[rows] @ w.T
+            if fused is not None:
+                # KL only (kd_alpha 1): the chunk in one compiled pass; the
+                # gradient already carries alpha * T / n
+                zt = t_a[rows] @ t_b.T
+                # (the scale as a tensor: a new n does not recompile)
+                coef = torch.tensor(alpha * temperature / n, dtype=torch.float32)
+                kl_part, grad = fused(z, zt, float(temperature), coef, want_grad)
+                kl_sum += kl_part.double()
+                if want_grad:
+                    grad_logits[rows] = grad
+                continue
             ls = torch.log_softmax(scaled(z), -1)
             p1 = None
             if alpha < 1.0:

@@ -646,6 +646,12 @@ class FinetuneParams(Section):
         description="kd: train LoRA adapters (lora_r) instead of every weight "
         "(for models too large to train in full).",
     )
+    kd_freeze_embedding: bool = Field(
+        False,
+        description="kd: keep the token embedding and the output projection "
+        "(tied in SmolLM2; pruning never cuts them) as the dense model has them, "
+        "untrained: a faster step (no vocabulary-sized weight gradient).",
+    )
     kd_topk: int | None = Field(
         None,
         gt=0,

@@ -256,34 +256,40 @@ class DistillRecovery:
         cache_dir: Path | None = None,
     ):
         """Logit distillation of ``model`` from ``teacher`` on the windows."""
-        from saap.distill import WindowDataset, collate_windows, distill_trainer_class
+        from saap.distill import (
+            WindowDataset,
+            collate_windows,
+            distill_trainer_class,
+            frozen_token_embeddings,
+        )
 
         key = fingerprint(params, [train.flatten().tolist()], model)
         train_targets, val_targets = self.targets(
             teacher, train, val, params, cache_dir
         )
-        return run_trainer(
-            model,
-            params,
-            resume_dir,
-            key,
-            WindowDataset(train, train_targets),
-            WindowDataset(val, val_targets),
-            collate_windows,
-            callbacks,
-            progress,
-            trainer_class=distill_trainer_class(),
-            trainer_kwargs={
-                "teacher": teacher,
-                "temperature": params.kd_temperature,
-                "alpha": params.kd_alpha,
-            },
-            args_overrides={
-                # packed windows: every token counts, there is no padding
-                "include_num_input_tokens_seen": "all",
-                "optim": "adamw_torch_fused",
-            },
-        )
+        with frozen_token_embeddings(model, params.kd_freeze_embedding):
+            return run_trainer(
+                model,
+                params,
+                resume_dir,
+                key,
+                WindowDataset(train, train_targets),
+                WindowDataset(val, val_targets),
+                collate_windows,
+                callbacks,
+                progress,
+                trainer_class=distill_trainer_class(),
+                trainer_kwargs={
+                    "teacher": teacher,
+                    "temperature": params.kd_temperature,
+                    "alpha": params.kd_alpha,
+                },
+                args_overrides={
+                    # packed windows: every token counts, there is no padding
+                    "include_num_input_tokens_seen": "all",
+                    "optim": "adamw_torch_fused",
+                },
+            )
 
     def run(
         self,

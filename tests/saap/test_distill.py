@@ -124,6 +124,81 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it():
     assert float(mixed) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
 
 
+def _fused_case(seed=0, rows=300, vocab=4096, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g).to(torch.bfloat16)
+    weight = torch.randn(vocab, dim, generator=g) * 0.5
+    t_hidden = torch.randn(rows, dim, generator=g).to(torch.bfloat16)
+    t_weight = (torch.randn(vocab, dim, generator=g) * 0.5).to(torch.bfloat16)
+    return hidden, weight, t_hidden, t_weight
+
+
+def _kd_in_bf16(case, temperature):
+    hidden, weight, t_hidden, t_weight = case
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, kl = chunked_kd_loss(h, w, t_hidden, t_weight, None, temperature, 1.0)
+    loss.backward()
+    return float(loss), h.grad.float(), w.grad
+
+
+def test_the_compiled_chunk_step_gives_the_eager_loss_and_gradients(monkeypatch):
+    """The kd step's compiled KL pass (the path a real vocabulary takes) against
+    the eager chunk step on the same bf16 inputs: the same loss to float32
+    rounding, gradients to bf16 rounding; validation (no grad) the same value."""
+    import saap.distill as distill
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ROWS", 256)  # a whole and a partial chunk
+    monkeypatch.setattr(distill, "FUSED_MIN_LOGITS", 256 * 4096)
+    monkeypatch.setitem(distill._FUSED, "fn", None)
+    case = _fused_case()
+    monkeypatch.setenv("SAAP_KD_COMPILE", "0")
+    assert distill.fused_kl_rows(256, 4096) is None
+    eager = _kd_in_bf16(case, 2.0)
+    monkeypatch.setenv("SAAP_KD_COMPILE", "1")
+    assert distill.fused_kl_rows(256, 4096) is not None
+    assert distill.fused_kl_rows(255, 4096) is None  # under the size it pays at
+    fused = _kd_in_bf16(case, 2.0)
+    assert distill._FUSED["fn"] is not False  # compiled, not fallen back
+    assert fused[0] == pytest.approx(eager[0], rel=1e-5)
+    torch.testing.assert_close(fused[1], eager[1], rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(fused[2], eager[2], rtol=2e-2, atol=1e-6)
+    hidden, weight, t_hidden, t_weight = case
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_kd_loss(hidden, weight, t_hidden, t_weight, None, 2.0, 1.0)
+    assert float(loss) == pytest.approx(eager[0], rel=1e-5)
+
+
+def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
+    monkeypatch, caplog
+):
+    import saap.distill as distill
+
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C compiler found")
+
+        return broken
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ROWS", 256)
+    monkeypatch.setattr(distill, "FUSED_MIN_LOGITS", 256 * 4096)
+    monkeypatch.setitem(distill._FUSED, "fn", None)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    case = _fused_case(seed=1)
+    monkeypatch.setenv("SAAP_KD_COMPILE", "1")
+    with caplog.at_level("WARNING", logger="saap.distill"):
+        fallen = _kd_in_bf16(case, 1.0)
+    assert "torch.compile of the distillation loss failed" in caplog.text
+    assert "No working C compiler" in caplog.text
+    assert distill._FUSED["fn"] is False  # not tried again
+    assert distill.fused_kl_rows(256, 4096) is None
+    monkeypatch.setenv("SAAP_KD_COMPILE", "0")
+    eager = _kd_in_bf16(case, 1.0)
+    assert fallen[0] == eager[0]
+    assert torch.equal(fallen[1], eager[1]) and torch.equal(fallen[2], eager[2])
+
+
 @pytest.mark.parametrize(
     "temperature,alpha", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.25), (2.0, 0.5)]
 )
@@ -533,6 +608,31 @@ def test_distillation_moves_the_student_toward_the_teacher(
     ids = held[:1]
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_a_frozen_embedding_keeps_the_vocabulary_matrix_and_trains_the_rest(
+    student_and_teacher, text_dir, tmp_path
+):
+    pruned_dir, teacher, tokenizer = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    embedding = student.get_input_embeddings().weight.detach().clone()
+    head = student.get_output_embeddings().weight.detach().clone()
+    layer = student.model.layers[1].mlp.up_proj.weight.detach().clone()
+    data = RecoveryData(RECORDS[:10], RECORDS[10:], text_dir=text_dir, teacher=teacher)
+    params = kd_params(kd_freeze_embedding=True, max_steps=2, eval_steps=2)
+    trained, result = recover(
+        student, tokenizer, data, params, tmp_path / "resume", progress=False
+    )
+    assert torch.equal(trained.get_input_embeddings().weight, embedding)
+    assert torch.equal(trained.get_output_embeddings().weight, head)
+    assert not torch.equal(trained.model.layers[1].mlp.up_proj.weight, layer)
+    frozen = embedding.numel() + (
+        0 if student.config.tie_word_embeddings else head.numel()
+    )
+    assert result.trainable_params == count_params(trained) - frozen
+    # as they were after: trainable again for whatever comes next
+    assert trained.get_input_embeddings().weight.requires_grad
+    assert trained.get_output_embeddings().weight.requires_grad
 
 
 def test_distillation_resumes_bit_identically(student_and_teacher, text_dir, tmp_path):
