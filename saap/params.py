@@ -311,6 +311,14 @@ class ProfileSettings(Section):
     ppl_max_windows: int | None = Field(
         200, gt=0, description="Perplexity windows per corpus; null = all."
     )
+    ppl_windows: dict[
+        Literal["ptb", "wiki", "c4"], Annotated[int, Field(gt=0)] | None
+    ] = Field(
+        default_factory=dict,
+        description="Per-corpus window caps that override `ppl_max_windows` "
+        "(null = all windows), e.g. ptb: null to judge the gate's corpus on the "
+        "whole PTB test set.",
+    )
     fidelity_windows: int = Field(
         64, gt=0, description="Held-back windows for KL to dense and top-1 agreement."
     )
@@ -328,6 +336,7 @@ class EvaluationSettings(Section):
     ppl_corpora: list[Literal["ptb", "wiki", "c4"]]
     ppl_seq_len: int
     ppl_max_windows: int | None
+    ppl_windows: dict[str, int | None] = Field(default_factory=dict)
     fidelity_corpus: Literal["wiki", "c4"]
     fidelity_windows: int
     prompts: list[str]
@@ -339,6 +348,10 @@ class EvaluationSettings(Section):
     def limit_of(self, task: str) -> int | None:
         return self.task_limits.get(task, self.limit)
 
+    def windows_of(self, corpus: str) -> int | None:
+        """Perplexity windows read from ``corpus`` (None: all)."""
+        return self.ppl_windows.get(corpus, self.ppl_max_windows)
+
     def config_payload(self) -> dict:
         """What decides the numbers (not the generation samples): hashed into the
         eval-config hash that keeps gates from comparing unlike evaluations."""
@@ -347,7 +360,12 @@ class EvaluationSettings(Section):
 
 def _default_profiles() -> dict[str, ProfileSettings]:
     return {
-        "quick": ProfileSettings(limit=50, ppl_max_windows=100, fidelity_windows=64),
+        "quick": ProfileSettings(
+            limit=50,
+            ppl_max_windows=100,
+            ppl_windows={"ptb": None},
+            fidelity_windows=64,
+        ),
         "nightly": ProfileSettings(
             limit=None,
             task_limits={"hellaswag": 3000},

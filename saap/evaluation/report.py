@@ -130,7 +130,11 @@ def evaluate_model(
     ppl, counts, nll_of = {}, {}, {}
     for corpus in settings.ppl_corpora:
         windows = corpus_windows(
-            tokenizer, text_dir, corpus, settings.ppl_seq_len, settings.ppl_max_windows
+            tokenizer,
+            text_dir,
+            corpus,
+            settings.ppl_seq_len,
+            settings.windows_of(corpus),
         )
         nll = window_nll(model, windows, progress=True, desc=f"ppl {corpus}")
         ppl[corpus] = float(torch.exp(nll.mean()))

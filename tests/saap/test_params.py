@@ -95,6 +95,31 @@ def test_evaluation_profiles_resolve_and_unknown_ones_name_the_choices():
         parse_section("evaluate", {"profiles": {"quick": {"limti": 5}}})
 
 
+def test_per_corpus_windows_override_the_profile_cap_and_name_bad_values():
+    params = parse_section(
+        "evaluate",
+        {
+            "profiles": {
+                "quick": {"ppl_max_windows": 100, "ppl_windows": {"ptb": None}},
+            },
+        },
+    )
+    quick = params.resolved("quick")
+    assert quick.windows_of("ptb") is None  # the whole corpus
+    assert quick.windows_of("wiki") == 100 and quick.windows_of("c4") == 100
+    # the per-corpus caps decide the numbers: they are in the eval-config payload
+    assert quick.config_payload()["ppl_windows"] == {"ptb": None}
+    with pytest.raises(ParamsError, match=r"ppl_windows\.ptb"):
+        parse_section("evaluate", {"profiles": {"quick": {"ppl_windows": {"ptb": 0}}}})
+    with pytest.raises(ParamsError, match=r"ppl_windows"):
+        parse_section("evaluate", {"profiles": {"quick": {"ppl_windows": {"pbt": 10}}}})
+    # the project's quick profile judges the gate's corpus on all of PTB test
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    quick = parse_section("evaluate", raw["evaluate"]).resolved("quick")
+    assert quick.windows_of("ptb") is None
+    assert parse_section("gates", raw["gates"]).ppl_corpus == "ptb"
+
+
 def test_finetune_profiles_override_keys_and_name_bad_ones():
     params = parse_section(
         "finetune",
