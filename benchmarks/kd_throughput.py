@@ -5,8 +5,9 @@ SmolLM2-135M from the dense model, on packed 256-token windows, 2 threads.
 Each variant runs the same optimizer step as the `kd` recovery's Trainer (student
 float32 weights under bf16 autocast where the CPU has native bf16, teacher in
 the compute dtype without gradients, KL over the full vocabulary in float32,
-fused AdamW), timed over ``--steps`` steps after one warm-up step, variants
-interleaved round by round so that machine drift hits all alike. ``default`` is
+fused AdamW), timed over ``--steps`` steps after one warm-up step and one
+untimed round, variants interleaved round by round so that machine drift hits
+all alike. ``default`` is
 the Trainer's step: output projections and loss in row chunks
 (``saap.distill.chunked_kd_loss``) with each chunk's softmaxes, KL and gradient
 in one compiled pass (``saap.distill.fused_kl_rows``); ``previous`` is the
@@ -19,7 +20,7 @@ torch.profiler table of one step of the default variant, and each variant's
 matrix-product FLOPs per step with the tokens/s those products alone would allow
 at the rate the profiled step's own products ran (the ceiling of any change that
 leaves the arithmetic as it is). The first compile of the chunk step (2-18 s,
-then cached by inductor) falls in the warm-up step.
+then cached by inductor) falls in the warm-up.
 
 Usage (after ``dvc repro prune``)::
 
@@ -175,8 +176,14 @@ def main() -> None:
         os.environ["SAAP_KD_COMPILE"] = "0" if eager else "1"
         return variant_step(kind, student, teacher, optimizer, b)
 
-    for name in variants:  # warm-up
+    # warm-up: one step per variant, then one whole untimed round in the timed
+    # order (the first timed steps after loading ran up to 25% slow, whichever
+    # variant came first)
+    for name in variants:
         step(name, batches[0])
+    for name in variants:
+        for i in range(args.steps):
+            step(name, batches[1 + (i % (len(batches) - 1))])
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         order = variants if round_ % 2 == 0 else list(reversed(variants))
