@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,6 @@ def fused_kl_rows(rows: int, vocab: int):
     ``FUSED_MIN_LOGITS`` logits, ``SAAP_KD_COMPILE=0``, or a machine whose
     first compile failed (no C++ compiler: the eager step is used from then on,
     with a warning). Measured in benchmarks/kd_throughput.py."""
-    import os
-
     if rows * vocab < FUSED_MIN_LOGITS or os.environ.get("SAAP_KD_COMPILE") == "0":
         return None
     state = _FUSED.get("fn")
@@ -219,6 +218,8 @@ def fused_kl_rows(rows: int, vocab: int):
 
 def _guarded(compiled):
     def call(*args):
+        if _FUSED.get("fn") is False:  # failed on an earlier chunk of this step
+            return _kl_rows_to_full_teacher(*args)
         try:
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001  (inductor raises many kinds)

@@ -180,8 +180,11 @@ def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
 ):
     import saap.distill as distill
 
+    attempts = []
+
     def no_compiler(fn, **kwargs):
         def broken(*args):
+            attempts.append(1)
             raise RuntimeError("InvalidCxxCompiler: No working C compiler found")
 
         return broken
@@ -197,6 +200,8 @@ def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
     assert "torch.compile of the distillation loss failed" in caplog.text
     assert "No working C compiler" in caplog.text
     assert distill._FUSED["fn"] is False  # not tried again
+    assert len(attempts) == 1  # not on the step's later chunks either
+    assert caplog.text.count("compile of the distillation loss failed") == 1
     assert distill.fused_kl_rows(256, 4096) is None
     monkeypatch.setenv("SAAP_KD_COMPILE", "0")
     eager = _kd_in_bf16(case, 1.0)
