@@ -46,6 +46,9 @@ from stages.finetune import read_records
 
 
 def evaluation(params, limit, windows, fidelity_windows):
+    """The evaluate profile's settings with this benchmark's subset: ``windows``
+    perplexity windows per corpus except where the profile's ``ppl_windows``
+    names the corpus (the quick profile: all of PTB test)."""
     return (
         load_section(params, "evaluate")
         .resolved()
@@ -61,6 +64,18 @@ def evaluation(params, limit, windows, fidelity_windows):
             }
         )
     )
+
+
+def windows_text(args) -> str:
+    """How many perplexity windows each corpus had: ``--windows``, unless the
+    evaluate profile's ``ppl_windows`` sets a corpus (the quick profile reads
+    PTB whole)."""
+    settings = evaluation(args.params, args.limit, args.windows, args.fidelity_windows)
+    parts = []
+    for corpus in settings.ppl_corpora:
+        cap = settings.windows_of(corpus)
+        parts.append(f"{corpus} {'all windows' if cap is None else cap}")
+    return "windows per corpus: " + ", ".join(parts)
 
 
 def split_arms(text: str) -> list[str]:
@@ -308,7 +323,7 @@ def write_report(args, results, dense_metrics, lora_tokens_per_example) -> None:
         f"{args.ratios} --budgets {args.budgets} --methods {args.methods} --windows "
         f"{args.windows} --fidelity-windows {args.fidelity_windows} --limit "
         f"{args.limit}` on 2 CPU threads ({compute_dtype()}). Perplexity: "
-        f"{args.windows} windows of the evaluation text (PTB test; the evaluation "
+        f"{windows_text(args)} of the evaluation text (PTB test; the evaluation "
         "half of the Wikipedia prose). KL to dense and top-1 agreement: held-back "
         f"windows ({args.fidelity_windows}), 95% intervals. LoRA trains on the "
         f"Alpaca sample (mean {lora_tokens_per_example:.0f} tokens per record); kd "

@@ -79,6 +79,7 @@ def compare_evaluate_params(
             "task_limits": {},
             "ppl_corpora": ["ptb", "wiki"],
             "ppl_max_windows": params.ppl_windows,
+            "ppl_windows": {},  # compare.ppl_windows caps both corpora
             "fidelity_windows": params.fidelity_windows,
             "prompts": [],
         }

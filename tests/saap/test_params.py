@@ -213,3 +213,18 @@ def test_jackknife_must_name_computed_fusable_estimators(tmp_path, capsys):
             main(["--params", str(path), "--model", str(tmp_path / "absent")])
         assert exit_info.value.code == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_comparison_caps_both_corpora_whatever_the_profile_reads():
+    """compare.ppl_windows caps PTB and Wikipedia alike, also where the active
+    profile reads PTB whole (its per-corpus caps do not leak into the arms)."""
+    from stages.compare import compare_evaluate_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    evaluate = parse_section("evaluate", raw["evaluate"])
+    compare = parse_section("compare", raw["compare"]).model_copy(
+        update={"ppl_windows": 48}
+    )
+    assert evaluate.resolved().windows_of("ptb") is None  # the profile: whole
+    settings = compare_evaluate_params(compare, evaluate)
+    assert settings.windows_of("ptb") == 48 and settings.windows_of("wiki") == 48
