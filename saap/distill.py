@@ -18,6 +18,7 @@ side is its top-k log-probabilities plus one "any other token" outcome
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -233,6 +234,140 @@ def _guarded(compiled):
             return _kl_rows_to_full_teacher(*args)
 
     return call
+
+
+# below this many parameters a model's decoder runs eager: compiling costs
+# seconds per shape, a tiny model gains nothing
+KERNELS_MIN_PARAMS = 20_000_000
+
+
+def _rms_norm(x, weight, eps: float):
+    """``LlamaRMSNorm.forward``'s arithmetic (float32 statistics)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _silu_gate(gate, up):
+    """``LlamaMLP``'s ``act_fn(gate_proj(x)) * up_proj(x)`` for SiLU."""
+    return F.silu(gate) * up
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(q, k, cos, sin):
+    """``apply_rotary_pos_emb`` of transformers' LLaMA (``unsqueeze_dim=1``)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# the decoder's element-wise kernels, compiled: None until first asked for,
+# False where compiling failed or is switched off (SAAP_KD_COMPILE=0)
+_KERNELS: dict[str, object] = {}
+
+
+def _decoder_kernels():
+    """The compiled element-wise parts of a LLaMA decoder layer (RMSNorm, the
+    SiLU gate, rotary embedding), each falling back to its eager arithmetic
+    for good, with one warning, if a compile fails (no C++ compiler)."""
+    if os.environ.get("SAAP_KD_COMPILE") == "0" or _KERNELS.get("off"):
+        return None
+    if not _KERNELS:
+        for name, fn in (
+            ("rms_norm", _rms_norm),
+            ("silu_gate", _silu_gate),
+            ("rotary", _rotary),
+        ):
+            # dynamic shapes: pruned layers differ in heads and MLP width
+            _KERNELS[name] = (fn, torch.compile(fn, dynamic=True, fullgraph=True))
+
+    def kernel(name):
+        eager, compiled = _KERNELS[name]
+
+        def call(*args):
+            if _KERNELS.get("off"):
+                return eager(*args)
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001  (inductor raises many kinds)
+                _KERNELS["off"] = True
+                log.warning(
+                    "torch.compile of the decoder's element-wise kernels failed "
+                    "(%s: %s); running them eager from now on (slower, same values "
+                    "to rounding)",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+                return eager(*args)
+
+        return call
+
+    return {name: kernel(name) for name in ("rms_norm", "silu_gate", "rotary")}
+
+
+@contextlib.contextmanager
+def compiled_decoder_kernels(*models):
+    """While inside: the RMSNorms, SiLU gates and rotary embeddings of the
+    given transformers LLaMA models (student and teacher, pruned widths
+    included) run as inductor-compiled kernels, each a single pass where eager
+    PyTorch makes 4-8 passes over (tokens, width) tensors and keeps each
+    intermediate for backward. Same arithmetic (float32 statistics), values
+    equal to rounding; the models' weights and state dicts are untouched and
+    their own ``forward`` methods return on exit. Models under
+    ``KERNELS_MIN_PARAMS`` parameters, ``SAAP_KD_COMPILE=0`` or a failed compile
+    run eager. Measured in benchmarks/kd_throughput.py."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama import modeling_llama
+
+    silu = (torch.nn.SiLU, SiLUActivation)  # "swish" and "silu" in ACT2FN
+    big = [
+        m
+        for m in models
+        if m is not None
+        and sum(p.numel() for p in m.parameters()) >= KERNELS_MIN_PARAMS
+    ]
+    kernels = _decoder_kernels() if big else None
+    if kernels is None:
+        yield
+        return
+    patched = []
+    for model in big:
+        for module in model.modules():
+            if isinstance(module, modeling_llama.LlamaRMSNorm):
+                module.forward = functools.partial(
+                    lambda m, h: kernels["rms_norm"](h, m.weight, m.variance_epsilon),
+                    module,
+                )
+            elif isinstance(module, modeling_llama.LlamaMLP) and isinstance(
+                module.act_fn, silu
+            ):
+                module.forward = functools.partial(
+                    lambda m, x: m.down_proj(
+                        kernels["silu_gate"](m.gate_proj(x), m.up_proj(x))
+                    ),
+                    module,
+                )
+            else:
+                continue
+            patched.append(module)
+    rotary = modeling_llama.apply_rotary_pos_emb
+
+    def compiled_rotary(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1:
+            return rotary(q, k, cos, sin, unsqueeze_dim)
+        return kernels["rotary"](q, k, cos, sin)
+
+    modeling_llama.apply_rotary_pos_emb = compiled_rotary
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rotary
+        for module in patched:
+            del module.forward  # the class's own forward again
 
 
 @contextlib.contextmanager

@@ -259,6 +259,7 @@ class DistillRecovery:
         from saap.distill import (
             WindowDataset,
             collate_windows,
+            compiled_decoder_kernels,
             distill_trainer_class,
             frozen_token_embeddings,
         )
@@ -267,7 +268,10 @@ class DistillRecovery:
         train_targets, val_targets = self.targets(
             teacher, train, val, params, cache_dir
         )
-        with frozen_token_embeddings(model, params.kd_freeze_embedding):
+        with (
+            frozen_token_embeddings(model, params.kd_freeze_embedding),
+            compiled_decoder_kernels(model, teacher),
+        ):
             return run_trainer(
                 model,
                 params,
@@ -369,7 +373,12 @@ class BlockDistillRecovery(DistillRecovery):
         callbacks: list | None = None,
         progress: bool = True,
     ):
-        from saap.distill import WindowDataset, block_trainer_class, collate_windows
+        from saap.distill import (
+            WindowDataset,
+            block_trainer_class,
+            collate_windows,
+            compiled_decoder_kernels,
+        )
         from saap.finetune import TrainResult
 
         if params.kd_lora:
@@ -402,26 +411,27 @@ class BlockDistillRecovery(DistillRecovery):
                 group,
                 per_group,
             )
-            model, result = run_trainer(
-                model,
-                phase,
-                resume_dir,
-                key,
-                WindowDataset(train),
-                WindowDataset(val),
-                collate_windows,
-                callbacks,
-                progress,
-                trainer_class=block_trainer_class(),
-                trainer_kwargs={
-                    "teacher": teacher,
-                    "pairs": [(p, teacher_layers[p]) for p in group],
-                },
-                args_overrides={
-                    "include_num_input_tokens_seen": "all",
-                    "optim": "adamw_torch_fused",
-                },
-            )
+            with compiled_decoder_kernels(model, teacher):
+                model, result = run_trainer(
+                    model,
+                    phase,
+                    resume_dir,
+                    key,
+                    WindowDataset(train),
+                    WindowDataset(val),
+                    collate_windows,
+                    callbacks,
+                    progress,
+                    trainer_class=block_trainer_class(),
+                    trainer_kwargs={
+                        "teacher": teacher,
+                        "pairs": [(p, teacher_layers[p]) for p in group],
+                    },
+                    args_overrides={
+                        "include_num_input_tokens_seen": "all",
+                        "optim": "adamw_torch_fused",
+                    },
+                )
             results.append(result)
         model.requires_grad_(True)
         log.info("global distillation: %d steps", final)

@@ -3,6 +3,7 @@ training that brings the student closer to the teacher, resume, reload."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -618,6 +619,120 @@ def test_distillation_moves_the_student_toward_the_teacher(
     ids = held[:1]
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+@pytest.fixture
+def small_kernel_threshold(monkeypatch):
+    import saap.distill as distill
+
+    monkeypatch.setattr(distill, "KERNELS_MIN_PARAMS", 0)
+    return distill
+
+
+def _decoder_step(student, teacher, ids):
+    """Loss and gradients of one float32 distillation step (no autocast, so
+    compiled and eager kernels are compared at float32 rounding)."""
+    from saap.distill import distillation_loss
+
+    student.zero_grad(set_to_none=True)
+    loss, _ = distillation_loss(
+        student, teacher, ids, 1.0, 1.0, lambda: contextlib.nullcontext()
+    )
+    loss.backward()
+    return float(loss.detach()), {
+        n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile's CPU kernels need a C++ compiler (the eager step runs)",
+)
+def test_compiled_decoder_kernels_give_the_eager_step_and_restore_the_models(
+    student_and_teacher, small_kernel_threshold, monkeypatch
+):
+    """RMSNorm, SiLU gate and rotary compiled (the path a real model takes)
+    against transformers' own modules on the pruned tiny model (layers of
+    different widths): the same loss and gradients to float32 rounding; on exit
+    every module's own forward and transformers' rotary function are back."""
+    from transformers.models.llama import modeling_llama
+
+    distill = small_kernel_threshold
+    pruned_dir, teacher, _ = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    student.train()
+    ids = torch.randint(0, student.config.vocab_size, (2, 24))
+    monkeypatch.setenv("SAAP_KD_COMPILE", "1")
+    monkeypatch.setattr(distill, "_KERNELS", {})
+    rotary = modeling_llama.apply_rotary_pos_emb
+    eager = _decoder_step(student, teacher, ids)
+    with distill.compiled_decoder_kernels(student, teacher):
+        patched = [m for m in student.modules() if "forward" in vars(m)]
+        norms = [m for m in patched if isinstance(m, modeling_llama.LlamaRMSNorm)]
+        mlps = [m for m in patched if isinstance(m, modeling_llama.LlamaMLP)]
+        assert len(norms) == 2 * len(student.model.layers) + 1
+        assert len(mlps) == len(student.model.layers)
+        assert modeling_llama.apply_rotary_pos_emb is not rotary
+        compiled = _decoder_step(student, teacher, ids)
+    assert not distill._KERNELS.get("off")  # compiled, not fallen back
+    assert modeling_llama.apply_rotary_pos_emb is rotary
+    for module in (*student.modules(), *teacher.modules()):
+        assert "forward" not in vars(module)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    assert compiled[1].keys() == eager[1].keys()
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, rtol=1e-4, atol=1e-6)
+    assert _decoder_step(student, teacher, ids)[0] == eager[0]  # eager again
+
+
+def test_compiled_decoder_kernels_skip_small_models_and_the_switch(
+    student_and_teacher, monkeypatch
+):
+    import saap.distill as distill
+
+    pruned_dir, teacher, _ = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    monkeypatch.setattr(distill, "_KERNELS", {})
+    assert distill.KERNELS_MIN_PARAMS > count_params(teacher)
+    with distill.compiled_decoder_kernels(student, teacher):
+        assert all("forward" not in vars(m) for m in student.modules())
+    assert distill._KERNELS == {}  # nothing compiled
+    monkeypatch.setattr(distill, "KERNELS_MIN_PARAMS", 0)
+    monkeypatch.setenv("SAAP_KD_COMPILE", "0")
+    with distill.compiled_decoder_kernels(student, teacher):
+        assert all("forward" not in vars(m) for m in student.modules())
+
+
+def test_a_failed_kernel_compile_runs_the_decoder_eager_with_one_warning(
+    student_and_teacher, small_kernel_threshold, monkeypatch, caplog
+):
+    distill = small_kernel_threshold
+    attempts = []
+
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            attempts.append(1)
+            raise RuntimeError("InvalidCxxCompiler: No working C compiler found")
+
+        return broken
+
+    pruned_dir, teacher, _ = student_and_teacher
+    student, _ = load_model(pruned_dir)
+    student.train()
+    ids = torch.randint(0, student.config.vocab_size, (2, 24))
+    eager = _decoder_step(student, teacher, ids)
+    monkeypatch.setattr(distill, "_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setenv("SAAP_KD_COMPILE", "1")
+    with caplog.at_level("WARNING", logger="saap.distill"):
+        with distill.compiled_decoder_kernels(student, teacher):
+            fallen = _decoder_step(student, teacher, ids)
+    assert caplog.text.count("element-wise kernels failed") == 1
+    assert "No working C compiler" in caplog.text
+    assert len(attempts) == 1  # not tried again on later layers or steps
+    assert fallen[0] == eager[0]
+    for name, grad in eager[1].items():
+        assert torch.equal(fallen[1][name], grad)
 
 
 def test_a_frozen_embedding_keeps_the_vocabulary_matrix_and_trains_the_rest(
