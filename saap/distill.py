@@ -265,8 +265,8 @@ def _rotary(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-# the decoder's element-wise kernels, compiled: None until first asked for,
-# False where compiling failed or is switched off (SAAP_KD_COMPILE=0)
+# the decoder's element-wise kernels: name -> (eager, compiled), filled when
+# first asked for; "off" set where a compile failed (eager from then on)
 _KERNELS: dict[str, object] = {}
 
 
@@ -337,6 +337,8 @@ def compiled_decoder_kernels(*models):
     patched = []
     for model in big:
         for module in model.modules():
+            if "forward" in vars(module):  # patched by an enclosing context
+                continue
             if isinstance(module, modeling_llama.LlamaRMSNorm):
                 module.forward = functools.partial(
                     lambda m, h: kernels["rms_norm"](h, m.weight, m.variance_epsilon),
@@ -361,7 +363,8 @@ def compiled_decoder_kernels(*models):
             return rotary(q, k, cos, sin, unsqueeze_dim)
         return kernels["rotary"](q, k, cos, sin)
 
-    modeling_llama.apply_rotary_pos_emb = compiled_rotary
+    if rotary.__name__ != "compiled_rotary":  # not already, by an enclosing one
+        modeling_llama.apply_rotary_pos_emb = compiled_rotary
     try:
         yield
     finally:

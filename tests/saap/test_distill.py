@@ -674,6 +674,12 @@ def test_compiled_decoder_kernels_give_the_eager_step_and_restore_the_models(
         assert len(mlps) == len(student.model.layers)
         assert modeling_llama.apply_rotary_pos_emb is not rotary
         compiled = _decoder_step(student, teacher, ids)
+        with distill.compiled_decoder_kernels(student, teacher):  # nested: a no-op
+            pass
+        assert len([m for m in student.modules() if "forward" in vars(m)]) == len(
+            patched
+        )
+        assert modeling_llama.apply_rotary_pos_emb is not rotary
     assert not distill._KERNELS.get("off")  # compiled, not fallen back
     assert modeling_llama.apply_rotary_pos_emb is rotary
     for module in (*student.modules(), *teacher.modules()):
