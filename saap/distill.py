@@ -189,8 +189,8 @@ def _kl_rows_to_full_teacher(z, zt, temperature: float, coef, want_grad: bool):
     return kl, ((ls.exp() - pt) * coef).to(z.dtype)
 
 
-# the compiled chunk step: None until first asked for, False where compiling
-# failed or is switched off (SAAP_KD_COMPILE=0); see fused_kl_rows
+# the compiled chunk step: "fn" once first asked for; "off" set where a
+# compile failed (eager from then on); see fused_kl_rows
 _FUSED: dict[str, object] = {}
 
 # below this many logits per chunk the eager chunk step is used: compiling
@@ -207,31 +207,36 @@ def fused_kl_rows(rows: int, vocab: int):
     with a warning). Measured in benchmarks/kd_throughput.py."""
     if rows * vocab < FUSED_MIN_LOGITS or os.environ.get("SAAP_KD_COMPILE") == "0":
         return None
-    state = _FUSED.get("fn")
-    if state is False:
+    if _FUSED.get("off"):
         return None
-    if state is None:
-        state = _FUSED["fn"] = torch.compile(
+    if "fn" not in _FUSED:
+        _FUSED["fn"] = torch.compile(
             _kl_rows_to_full_teacher, dynamic=False, fullgraph=True
         )
-    return _guarded(state)
+    return _guarded(_FUSED, _kl_rows_to_full_teacher, _FUSED["fn"], "the kd loss")
 
 
-def _guarded(compiled):
+def _guarded(state: dict, eager, compiled, what: str):
+    """``compiled`` with ``eager`` as its fallback: the first failure (no C++
+    compiler, an inductor error) warns once naming ``what``, sets
+    ``state["off"]``, and from then on every call of any kernel of that state
+    runs eager (the same arithmetic, slower)."""
+
     def call(*args):
-        if _FUSED.get("fn") is False:  # failed on an earlier chunk of this step
-            return _kl_rows_to_full_teacher(*args)
+        if state.get("off"):  # failed earlier (on another chunk or layer)
+            return eager(*args)
         try:
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001  (inductor raises many kinds)
-            _FUSED["fn"] = False
+            state["off"] = True
             log.warning(
-                "torch.compile of the distillation loss failed (%s: %s); using "
-                "the eager loss from now on (slower, same values to rounding)",
+                "torch.compile of %s failed (%s: %s); running it eager from now "
+                "on (slower, same values to rounding)",
+                what,
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",
             )
-            return _kl_rows_to_full_teacher(*args)
+            return eager(*args)
 
     return call
 
@@ -285,28 +290,10 @@ def _decoder_kernels():
             # dynamic shapes: pruned layers differ in heads and MLP width
             _KERNELS[name] = (fn, torch.compile(fn, dynamic=True, fullgraph=True))
 
-    def kernel(name):
-        eager, compiled = _KERNELS[name]
-
-        def call(*args):
-            if _KERNELS.get("off"):
-                return eager(*args)
-            try:
-                return compiled(*args)
-            except Exception as exc:  # noqa: BLE001  (inductor raises many kinds)
-                _KERNELS["off"] = True
-                log.warning(
-                    "torch.compile of the decoder's element-wise kernels failed "
-                    "(%s: %s); running them eager from now on (slower, same values "
-                    "to rounding)",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
-                )
-                return eager(*args)
-
-        return call
-
-    return {name: kernel(name) for name in ("rms_norm", "silu_gate", "rotary")}
+    return {
+        name: _guarded(_KERNELS, *_KERNELS[name], "the decoder's element-wise kernels")
+        for name in ("rms_norm", "silu_gate", "rotary")
+    }
 
 
 @contextlib.contextmanager

@@ -157,7 +157,7 @@ def test_the_compiled_chunk_step_gives_the_eager_loss_and_gradients(monkeypatch)
 
     monkeypatch.setattr(distill, "KD_CHUNK_ROWS", 256)  # a whole and a partial chunk
     monkeypatch.setattr(distill, "FUSED_MIN_LOGITS", 256 * 4096)
-    monkeypatch.setitem(distill._FUSED, "fn", None)
+    monkeypatch.setattr(distill, "_FUSED", {})
     case = _fused_case()
     monkeypatch.setenv("SAAP_KD_COMPILE", "0")
     assert distill.fused_kl_rows(256, 4096) is None
@@ -166,7 +166,7 @@ def test_the_compiled_chunk_step_gives_the_eager_loss_and_gradients(monkeypatch)
     assert distill.fused_kl_rows(256, 4096) is not None
     assert distill.fused_kl_rows(255, 4096) is None  # under the size it pays at
     fused = _kd_in_bf16(case, 2.0)
-    assert distill._FUSED["fn"] is not False  # compiled, not fallen back
+    assert not distill._FUSED.get("off")  # compiled, not fallen back
     assert fused[0] == pytest.approx(eager[0], rel=1e-5)
     torch.testing.assert_close(fused[1], eager[1], rtol=2e-2, atol=1e-6)
     torch.testing.assert_close(fused[2], eager[2], rtol=2e-2, atol=1e-6)
@@ -176,11 +176,9 @@ def test_the_compiled_chunk_step_gives_the_eager_loss_and_gradients(monkeypatch)
     assert float(loss) == pytest.approx(eager[0], rel=1e-5)
 
 
-def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
-    monkeypatch, caplog
-):
-    import saap.distill as distill
-
+def _no_compiler():
+    """A ``torch.compile`` stand-in whose functions fail as inductor does on a
+    machine without a C++ compiler, and the list of their calls."""
     attempts = []
 
     def no_compiler(fn, **kwargs):
@@ -190,19 +188,28 @@ def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
 
         return broken
 
+    return attempts, no_compiler
+
+
+def test_a_failed_compile_falls_back_to_the_eager_step_with_a_warning(
+    monkeypatch, caplog
+):
+    import saap.distill as distill
+
+    attempts, no_compiler = _no_compiler()
     monkeypatch.setattr(distill, "KD_CHUNK_ROWS", 256)
     monkeypatch.setattr(distill, "FUSED_MIN_LOGITS", 256 * 4096)
-    monkeypatch.setitem(distill._FUSED, "fn", None)
+    monkeypatch.setattr(distill, "_FUSED", {})
     monkeypatch.setattr(torch, "compile", no_compiler)
     case = _fused_case(seed=1)
     monkeypatch.setenv("SAAP_KD_COMPILE", "1")
     with caplog.at_level("WARNING", logger="saap.distill"):
         fallen = _kd_in_bf16(case, 1.0)
-    assert "torch.compile of the distillation loss failed" in caplog.text
+    assert "torch.compile of the kd loss failed" in caplog.text
     assert "No working C compiler" in caplog.text
-    assert distill._FUSED["fn"] is False  # not tried again
+    assert distill._FUSED.get("off")  # not tried again
     assert len(attempts) == 1  # not on the step's later chunks either
-    assert caplog.text.count("compile of the distillation loss failed") == 1
+    assert caplog.text.count("compile of the kd loss failed") == 1
     assert distill.fused_kl_rows(256, 4096) is None
     monkeypatch.setenv("SAAP_KD_COMPILE", "0")
     eager = _kd_in_bf16(case, 1.0)
@@ -713,15 +720,7 @@ def test_a_failed_kernel_compile_runs_the_decoder_eager_with_one_warning(
     student_and_teacher, small_kernel_threshold, monkeypatch, caplog
 ):
     distill = small_kernel_threshold
-    attempts = []
-
-    def no_compiler(fn, **kwargs):
-        def broken(*args):
-            attempts.append(1)
-            raise RuntimeError("InvalidCxxCompiler: No working C compiler found")
-
-        return broken
-
+    attempts, no_compiler = _no_compiler()
     pruned_dir, teacher, _ = student_and_teacher
     student, _ = load_model(pruned_dir)
     student.train()
