@@ -226,8 +226,10 @@ def main() -> None:
             model = pruned
             if method != "none":
                 name, overrides = parse_arm(method)
-                per_step = finetune.batch_size * (
-                    finetune.cutoff_len
+                # the arm's own batch and window length where it overrides them
+                arm = finetune.model_copy(update=overrides)
+                per_step = arm.batch_size * (
+                    arm.cutoff_len
                     if name in ("kd", "group")
                     else lora_tokens_per_example
                 )
