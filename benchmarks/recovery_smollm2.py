@@ -234,9 +234,8 @@ def main() -> None:
                     else lora_tokens_per_example
                 )
                 steps = max(1, math.ceil(budget / per_step))
-                ft = finetune.model_copy(
+                ft = arm.model_copy(
                     update={
-                        **overrides,
                         "method": name,
                         "max_steps": steps,
                         "eval_steps": steps,
