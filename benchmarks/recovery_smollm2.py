@@ -114,6 +114,12 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=Path("data/text"))
     parser.add_argument("--eval", type=Path, default=Path("data/eval"))
     parser.add_argument(
+        "--teacher-text",
+        type=Path,
+        default=Path("data/teacher_text"),
+        help="the dense model's samples (kd_corpora: teacher; stage teacher-text)",
+    )
+    parser.add_argument(
         "--prune-method",
         default="saap_ls",
         help="comparison method (saap/methods.py) that prunes; saap_ls is the "
@@ -251,6 +257,7 @@ def main() -> None:
                     eval_dir=args.eval,
                     teacher=teacher,
                     cache_dir=teacher_cache,
+                    teacher_text_dir=args.teacher_text,
                 )
                 with tempfile.TemporaryDirectory() as resume:
                     trained, result = recover(

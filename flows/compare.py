@@ -388,6 +388,8 @@ def compare(
     with project_lock(root, lock_timeout_s):
         try:
             repro_stage(str(root), "assets")
+            # the arms' distillation may read the dense model's samples
+            repro_stage(str(root), "teacher-text")
             repro_stage(str(root), IMPORTANCE_STAGE)
             revision = code_revision(root)
             for method, ratio in arms:

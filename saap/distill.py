@@ -47,25 +47,35 @@ TEXT_CORPORA = ("c4", "wiki")
 
 
 def distillation_documents(
-    text_dir: Path | None, corpora: list[str], instruct_texts: list[str]
+    text_dir: Path | None,
+    corpora: list[str],
+    instruct_texts: list[str],
+    teacher_text_dir: Path | None = None,
 ) -> list[str]:
     """Documents of the distillation corpus: the calibration half of each text
     corpus in ``corpora`` (never the evaluation half, never PTB), all of each
     distillation-only corpus named (``sciq``, ``mmlu``: sets no stage evaluates
     on), PTB's train split if ``ptb_train`` is named (PTB test is then
-    in-domain: :func:`saap.data.in_domain_corpora`) and, if ``"instruct"`` is
-    named, the instruction sample as plain text."""
+    in-domain: :func:`saap.data.in_domain_corpora`), if ``"instruct"`` is
+    named, the instruction sample as plain text, and if ``"teacher"`` is named,
+    the dense model's own samples (saap/teacher_text.py, in
+    ``teacher_text_dir``)."""
     documents: list[str] = []
     for corpus in corpora:
         if corpus == "instruct":
             documents += instruct_texts
             continue
+        if corpus == "teacher":
+            from saap.teacher_text import teacher_documents
+
+            documents += teacher_documents(teacher_text_dir)
+            continue
         known = (*TEXT_CORPORA, *DISTILLATION_ONLY_FILES, *IN_DOMAIN_FILES)
         if corpus not in known:
             raise DataError(
                 f"unknown distillation corpus {corpus!r}; known: "
-                f"{[*known, 'instruct']} (PTB test and the evaluation halves are "
-                "evaluation text)"
+                f"{[*known, 'instruct', 'teacher']} (PTB test and the evaluation "
+                "halves are evaluation text)"
             )
         if text_dir is None:
             raise DataError(

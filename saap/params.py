@@ -511,6 +511,37 @@ GGUF_TYPES = (
 )
 
 
+class TeacherTextParams(Section):
+    """The dense model's own samples as distillation text (stage
+    ``teacher-text``, corpus ``teacher`` of ``finetune.kd_corpora``)."""
+
+    tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens to sample (rounded up to whole samples of length); "
+        "0 writes no text (the corpus teacher is then refused). About 350 "
+        "tokens/s for SmolLM2-135M on 2 cores.",
+    )
+    length: int = Field(
+        256, gt=0, description="Tokens per sample (end-of-text is suppressed)."
+    )
+    batch_size: int = Field(64, gt=0, description="Samples generated together.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature (no top-k, no top-p)."
+    )
+    seed: int = Field(0, description="Sampling seed (batch k: seed * 1000003 + k).")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Dense model dtype while sampling; auto = bf16 where native.",
+    )
+    start: str | None = Field(
+        None,
+        description="Token every sample starts from; null: <|endoftext|> where "
+        "the vocabulary has it (the document separator), else the tokenizer's "
+        "beginning-of-text token.",
+    )
+
+
 class ExportParams(Section):
     """Edge export (stage ``export``): formats from the exporters registry."""
 
@@ -644,17 +675,18 @@ class FinetuneParams(Section):
         le=1,
         description="kd: weight of the KL term; 1 - kd_alpha weighs the LM loss.",
     )
-    kd_corpora: list[Literal["c4", "wiki", "instruct", "sciq", "mmlu", "ptb_train"]] = (
-        Field(
-            default_factory=lambda: ["c4", "wiki", "instruct"],
-            description="kd: training text: calibration halves of c4/wiki (never their "
-            "evaluation halves, never PTB test), the instruction sample as plain text, "
-            "the distillation-only sets sciq (1,000 science paragraphs with their "
-            "question) and mmlu (15,858 exam questions with their answer), which no "
-            "stage evaluates on, and ptb_train (PTB's train split, 888k words), which "
-            "makes PTB test in-domain: the evaluation reports it so and no gate "
-            "judges the model on PTB.",
-        )
+    kd_corpora: list[
+        Literal["c4", "wiki", "instruct", "sciq", "mmlu", "ptb_train", "teacher"]
+    ] = Field(
+        default_factory=lambda: ["c4", "wiki", "instruct"],
+        description="kd: training text: calibration halves of c4/wiki (never their "
+        "evaluation halves, never PTB test), the instruction sample as plain text, "
+        "the distillation-only sets sciq (1,000 science paragraphs with their "
+        "question) and mmlu (15,858 exam questions with their answer), which no "
+        "stage evaluates on, teacher (the dense model's own samples: stage "
+        "teacher-text, teacher_text.tokens of them), and ptb_train (PTB's train "
+        "split, 888k words), which makes PTB test in-domain: the evaluation "
+        "reports it so and no gate judges the model on PTB.",
     )
     kd_val_windows: int = Field(
         16, gt=0, description="kd: held-out windows for the validation KL."
@@ -794,6 +826,7 @@ SECTIONS: dict[str, type[Section]] = {
     "importance": ImportanceParams,
     "prune": PruneParams,
     "finetune": FinetuneParams,
+    "teacher_text": TeacherTextParams,
     "evaluate": EvaluateParams,
     "bench": BenchParams,
     "export": ExportParams,

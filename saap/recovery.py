@@ -67,6 +67,7 @@ class RecoveryData:
     text_dir: Path | None = None
     eval_dir: Path | None = None  # zero-shot task records, kept out of training
     teacher: object | None = None  # () -> model, or a model
+    teacher_text_dir: Path | None = None  # the dense model's samples (kd_corpora)
     cache_dir: Path | None = None  # teacher top-k targets; None: the download cache
 
     def load_teacher(self):
@@ -196,7 +197,9 @@ class DistillRecovery:
             alpaca_prompt(r) + r["output"]
             for r in [*data.train_records, *data.val_records]
         ]
-        documents = distillation_documents(data.text_dir, params.kd_corpora, instruct)
+        documents = distillation_documents(
+            data.text_dir, params.kd_corpora, instruct, data.teacher_text_dir
+        )
         documents, cut = decontaminate(
             documents, evaluation_texts(data.text_dir, data.eval_dir)
         )

@@ -144,6 +144,7 @@ def run_arm(
     plans_out: Path,
     batch_size: int = 4,
     per_window: str = "stored",
+    teacher_text_dir: Path | None = None,
 ) -> dict:
     """Prune, evaluate, benchmark and recover one arm; return its JSON record.
 
@@ -267,6 +268,7 @@ def run_arm(
                     text_dir=text_dir,
                     eval_dir=eval_dir,
                     teacher=lambda: _copy(base_model).to(dtype),
+                    teacher_text_dir=teacher_text_dir,
                 ),
                 ft_params,
                 Path(resume),
@@ -368,6 +370,7 @@ def arm(args: argparse.Namespace) -> None:
             plans,
             importance_params.batch_size,
             importance_params.per_window,
+            args.teacher_text,
         )
     write_json(args.out, record)
     log.info(
@@ -392,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     one.add_argument("--text", type=Path, default=Path("data/text"))
     one.add_argument("--eval", type=Path, default=Path("data/eval"))
+    one.add_argument(
+        "--teacher-text",
+        type=Path,
+        default=Path("data/teacher_text"),
+        help="the dense model's samples (finetune.kd_corpora: teacher)",
+    )
     one.add_argument("--data", type=Path, default=Path("data/instruct/alpaca.json"))
     one.add_argument("--plans", type=Path, default=Path("artifacts/compare/arm"))
     one.add_argument("--out", type=Path, default=Path("metrics/compare/arm.json"))

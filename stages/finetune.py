@@ -72,6 +72,7 @@ def run(
     text_dir: Path | None = None,
     eval_dir: Path | None = None,
     profile: str | None = None,
+    teacher_text_dir: Path | None = None,
 ) -> dict:
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     plan = load_plan(plan_path)
@@ -82,6 +83,7 @@ def run(
         val_records=val,
         text_dir=text_dir,
         eval_dir=eval_dir,
+        teacher_text_dir=teacher_text_dir,
         # the dense teacher: frozen, in the compute dtype (bf16 where native)
         teacher=(
             (lambda: load_model(teacher_dir, dtype=compute_dtype())[0])
@@ -158,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         "--text", type=Path, default=None, help="text corpora (kd): data/text"
     )
     parser.add_argument(
+        "--teacher-text",
+        type=Path,
+        default=None,
+        help="the dense model's samples (kd_corpora: teacher): data/teacher_text",
+    )
+    parser.add_argument(
         "--eval",
         type=Path,
         default=None,
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         args.text,
         args.eval,
         profile,
+        args.teacher_text,
     )
     log.info(
         "finetune (%s): %d steps, %d tokens, %.0f tokens/s, best step %d",

@@ -148,3 +148,41 @@ def test_base_model_logits_equal_gguf_model(real_assets):
         assert torch.allclose(
             converted(ids).logits, reference(ids).logits, atol=1e-5, rtol=0
         )
+
+
+def test_teacher_text_of_the_real_model_trains_on_no_evaluation_text(
+    real_assets, tmp_path
+):
+    """SmolLM2's own samples (the stage, 16 samples of 256 tokens) as the
+    distillation corpus ``teacher``: the windows the recovery trains on share
+    no word 13-gram with any evaluation text, and decontamination has next to
+    nothing to cut (the samples repeat no evaluation passage)."""
+    from saap.params import FinetuneParams, TeacherTextParams
+    from saap.recovery import RECOVERIES, RecoveryData
+    from saap.teacher_text import teacher_documents
+    from stages import teacher_text as stage
+
+    text, out = real_assets / "data/text", tmp_path / "teacher_text"
+    params = TeacherTextParams(tokens=16 * 256, batch_size=16)
+    record = stage.run(params, real_assets / "models/base", out, tmp_path / "resume")
+    assert record["samples"] == 16 and record["sampled_tokens"] == 4096
+    samples = teacher_documents(out)
+    evaluation = evaluation_texts(text, real_assets / "data/eval")
+    train, removed = decontaminate(samples, evaluation)
+    assert removed < 0.01 * sum(len(s.split()) for s in samples)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_assets / "models/base")
+    windows = RECOVERIES.get("kd").windows(
+        tokenizer,
+        RecoveryData(
+            text_dir=text, eval_dir=real_assets / "data/eval", teacher_text_dir=out
+        ),
+        FinetuneParams(
+            method="kd", kd_corpora=["teacher"], max_steps=None, kd_val_windows=2
+        ),
+    )
+    trained = tokenizer.batch_decode(torch.cat(windows), skip_special_tokens=True)
+    # the samples re-tokenize to about their 4,096 tokens: about 16 windows
+    assert len(trained) >= 12
+    assert shared_ngrams(trained, evaluation) == 0

@@ -234,7 +234,13 @@ def test_ratio_change_reruns_from_ranking_and_failing_gate_keeps_champion(projec
         "evaluate@finetuned",
         "bench@finetuned",
     } <= ran
-    assert not ran & {"assets", "calibration", "importance", "evaluate-dense"}
+    assert not ran & {
+        "assets",
+        "calibration",
+        "importance",
+        "teacher-text",
+        "evaluate-dense",
+    }
     assert summary["version"] == "2" and summary["promoted"] is False
     client, name = registry(project)
     version = client.get_model_version(name, "2")
