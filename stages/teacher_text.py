@@ -14,17 +14,15 @@ data/teacher_text --report metrics/teacher_text.json``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import time
 from pathlib import Path
 
 from saap.atomic import atomic_dir, write_json
-from saap.errors import SourceError
+from saap.distill import weights_digest
 from saap.model import load_model, torch_dtype
 from saap.params import TeacherTextParams, load_section
-from saap.sources import sha256_of
 from saap.teacher_text import (
     SCHEMA,
     generate_teacher_text,
@@ -35,19 +33,6 @@ from saap.teacher_text import (
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.teacher_text")
-
-
-def model_sha256(model_dir: Path) -> str:
-    """One sha256 over the checkpoint's weight files (their names and hashes)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SourceError(
-            f"{model_dir} holds no .safetensors weights; run the assets stage first"
-        )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}:{sha256_of(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def run(
@@ -64,7 +49,7 @@ def run(
         documents, meta, sampled = [], {"schema": SCHEMA, "samples": 0, "tokens": 0}, 0
     else:
         model, tokenizer = load_model(model_dir, dtype=torch_dtype(params.dtype))
-        wanted = settings(params, tokenizer, model_sha256(model_dir))
+        wanted = settings(params, tokenizer, weights_digest(model))
         partial = resume_dir / "teacher-text"
         # the previous output and a killed run's batches: the same settings
         # sample the same batches, so the longer list is taken as it is
