@@ -172,12 +172,12 @@ def read_batches(folder: Path, wanted: dict) -> list[list[str]]:
 
 def save_teacher_text(documents: list[str], meta: dict, out_dir: Path) -> None:
     """Write ``teacher.jsonl`` (one ``{"text": ...}`` a line) and ``meta.json``."""
+    from saap.atomic import write_json, write_jsonl
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / TEACHER_FILE, "w") as f:
-        for text in documents:
-            f.write(json.dumps({"text": text}) + "\n")
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_jsonl(out_dir / TEACHER_FILE, [{"text": text} for text in documents])
+    write_json(out_dir / META_FILE, meta)
 
 
 def teacher_documents(teacher_text_dir: Path | None) -> list[str]:
