@@ -16,27 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from finetune_smollm2 import cpu_name  # the script folder is on sys.path
 
 from saap.comparison import seed_ratio
 from saap.model import load_model, torch_dtype
 from saap.params import TeacherTextParams, load_section
 from saap.teacher_text import generate_teacher_text
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:
