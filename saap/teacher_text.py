@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from saap.atomic import write_json, write_jsonl
 from saap.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,6 @@ def read_batches(folder: Path, wanted: dict) -> list[list[str]]:
 
 def save_teacher_text(documents: list[str], meta: dict, out_dir: Path) -> None:
     """Write ``teacher.jsonl`` (one ``{"text": ...}`` a line) and ``meta.json``."""
-    from saap.atomic import write_json, write_jsonl
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / TEACHER_FILE, [{"text": text} for text in documents])
