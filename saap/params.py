@@ -31,6 +31,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ProfiledSection(Section):
+    """A section whose keys a run profile (the active ``evaluate.profile``) may
+    override: ``profiles: {nightly: {key: value}}``, a field each subclass
+    declares last, with its own description. Each override is checked as the
+    section itself is, naming ``profiles.<profile>.<key>`` (not declared here:
+    a base field would come first in the section's keys)."""
+
+    @model_validator(mode="after")
+    def _profiles_override_known_keys(self) -> ProfiledSection:
+        for name in self.profiles:
+            self.resolved(name)
+        return self
+
+    def resolved(self, profile: str | None) -> ProfiledSection:
+        """These settings with ``profiles[profile]`` applied (unchanged for a
+        profile that sets nothing); the result has no profiles of its own."""
+        override = self.profiles.get(profile, {}) if profile is not None else {}
+        try:
+            return type(self).model_validate(
+                self.model_dump(exclude={"profiles"}) | override
+            )
+        except ValidationError as exc:
+            where = f"profiles.{profile}"
+            raise ValueError("; ".join(problems(exc, where, type(self)))) from None
+
+
 class AssetsParams(Section):
     """Where the base model and the datasets come from."""
 
@@ -511,7 +537,7 @@ GGUF_TYPES = (
 )
 
 
-class TeacherTextParams(Section):
+class TeacherTextParams(ProfiledSection):
     """The dense model's own samples as distillation text (stage
     ``teacher-text``, corpus ``teacher`` of ``finetune.kd_corpora``)."""
 
@@ -539,6 +565,13 @@ class TeacherTextParams(Section):
         description="Token every sample starts from; null: <|endoftext|> where "
         "the vocabulary has it (the document separator), else the tokenizer's "
         "beginning-of-text token.",
+    )
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings by run profile (the active evaluate.profile): "
+        "teacher_text keys a profile overrides, e.g. nightly: {tokens: 655360} "
+        "for a nightly recovery that distils on them; a profile not listed "
+        "samples as above.",
     )
 
 
@@ -629,7 +662,7 @@ class GatesParams(Section):
     )
 
 
-class FinetuneParams(Section):
+class FinetuneParams(ProfiledSection):
     """Recovery: LLM-Pruner's LoRA recipe, SAAP group fine-tuning, or
     distillation from the dense model (saap/recovery.py)."""
 
@@ -737,24 +770,6 @@ class FinetuneParams(Section):
                 f"save_steps: {every * max(1, round(value / every))}"
             )
         return value
-
-    @model_validator(mode="after")
-    def _profiles_override_known_keys(self) -> FinetuneParams:
-        for name in self.profiles:
-            self.resolved(name)
-        return self
-
-    def resolved(self, profile: str | None) -> FinetuneParams:
-        """These settings with ``profiles[profile]`` applied (unchanged for a
-        profile that sets nothing); the result has no profiles of its own."""
-        override = self.profiles.get(profile, {}) if profile is not None else {}
-        try:
-            return type(self).model_validate(
-                self.model_dump(exclude={"profiles"}) | override
-            )
-        except ValidationError as exc:
-            where = f"profiles.{profile}"
-            raise ValueError("; ".join(problems(exc, where, type(self)))) from None
 
 
 class CompareParams(Section):
@@ -883,19 +898,28 @@ def load_section(path: str | Path, name: str) -> Section:
     return parse_section(name, read_params_file(path).get(name))
 
 
-def load_finetune(path: str | Path) -> tuple[FinetuneParams, str]:
-    """The recovery settings of the active run profile (``evaluate.profile``,
-    which the nightly flow sets) and that profile's name: ``finetune`` with
-    ``finetune.profiles[profile]`` applied. A ``finetune.profiles`` key that
-    names no evaluation profile is an error (it would never apply)."""
+def load_for_profile(path: str | Path, name: str) -> tuple[Section, str]:
+    """The section ``name`` (one with ``profiles``: finetune, teacher_text) as
+    the active run profile (``evaluate.profile``, which the nightly flow sets)
+    has it, and that profile's name: the section with ``profiles[profile]``
+    applied. A ``profiles`` key that names no evaluation profile is an error
+    (it would never apply)."""
     raw = read_params_file(path)
-    finetune = parse_section("finetune", raw.get("finetune"))
+    section = parse_section(name, raw.get(name))
+    if not isinstance(section, ProfiledSection):
+        raise ParamsError(f"params section {name!r} has no run profiles")
     evaluate = parse_section("evaluate", raw.get("evaluate"))
-    unknown = sorted(set(finetune.profiles) - set(evaluate.profiles))
+    unknown = sorted(set(section.profiles) - set(evaluate.profiles))
     if unknown:
         raise ParamsError(
-            f"finetune.profiles.{unknown[0]}: no evaluation profile "
+            f"{name}.profiles.{unknown[0]}: no evaluation profile "
             f"{unknown[0]!r}; profiles are {sorted(evaluate.profiles)} (add it "
-            "under evaluate.profiles or rename the finetune entry)"
+            f"under evaluate.profiles or rename the {name} entry)"
         )
-    return finetune.resolved(evaluate.profile), evaluate.profile
+    return section.resolved(evaluate.profile), evaluate.profile
+
+
+def load_finetune(path: str | Path) -> tuple[FinetuneParams, str]:
+    """The recovery settings of the active run profile and its name
+    (:func:`load_for_profile` of ``finetune``)."""
+    return load_for_profile(path, "finetune")

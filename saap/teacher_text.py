@@ -199,8 +199,10 @@ def teacher_documents(teacher_text_dir: Path | None) -> list[str]:
     ]
     if not documents:
         raise DataError(
-            f"{path} holds no samples (teacher_text.tokens is 0): set "
-            "teacher_text.tokens (e.g. 98304) and run `dvc repro teacher-text`, "
-            "or leave teacher out of finetune.kd_corpora"
+            f"{path} holds no samples (teacher_text.tokens is 0 in the active "
+            "run profile): set teacher_text.tokens (e.g. 98304), or "
+            "teacher_text.profiles.<profile>.tokens for the profile of "
+            "evaluate.profile, and run `dvc repro teacher-text`, or leave "
+            "teacher out of finetune.kd_corpora (or of that profile's)"
         )
     return documents

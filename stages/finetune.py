@@ -23,9 +23,16 @@ from saap.atomic import atomic_dir, atomic_file, write_json
 from saap.errors import DataError, ParamsError
 from saap.finetune import check_against_plan, merge, split_records
 from saap.model import compute_dtype, count_params, load_model, save_checkpoint
-from saap.params import FinetuneParams, GatesParams, load_finetune, load_section
+from saap.params import (
+    FinetuneParams,
+    GatesParams,
+    TeacherTextParams,
+    load_finetune,
+    load_for_profile,
+    load_section,
+)
 from saap.plan import load_plan
-from saap.recovery import RECOVERIES, RecoveryData, recover
+from saap.recovery import RECOVERIES, DistillRecovery, RecoveryData, recover
 from stages.common import guarded, setup
 
 log = logging.getLogger("stages.finetune")
@@ -142,6 +149,23 @@ def check_gate_corpus(params: FinetuneParams, gates: GatesParams) -> None:
         )
 
 
+def check_teacher_text(
+    params: FinetuneParams, teacher_text: TeacherTextParams, profile: str
+) -> None:
+    """Refuse, before loading anything, a distillation on the corpus
+    ``teacher`` where the same run profile samples no teacher text (the
+    teacher-text stage then wrote an empty corpus)."""
+    distils = isinstance(RECOVERIES.get(params.method), DistillRecovery)
+    if distils and "teacher" in params.kd_corpora and teacher_text.tokens == 0:
+        raise ParamsError(
+            f"finetune.kd_corpora {params.kd_corpora} in run profile {profile!r} "
+            f"reads the teacher's samples, but teacher_text.tokens is 0 in that "
+            f"profile: set teacher_text.profiles.{profile}.tokens (or "
+            "teacher_text.tokens; e.g. 655360), or leave teacher out of "
+            "finetune.kd_corpora"
+        )
+
+
 @guarded
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -177,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     # override the budget: finetune.profiles
     params, profile = load_finetune(args.params)
     check_gate_corpus(params, load_section(args.params, "gates"))
+    teacher_text, _ = load_for_profile(args.params, "teacher_text")
+    check_teacher_text(params, teacher_text, profile)
     log.info(
         "finetune profile %s: %s, %s steps of %d windows",
         profile,

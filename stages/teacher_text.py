@@ -1,11 +1,16 @@
 """DVC stage ``teacher-text``: the dense model's own samples, as distillation
 text (the corpus ``teacher`` of ``finetune.kd_corpora``; saap/teacher_text.py).
 
-With ``teacher_text.tokens: 0`` it writes an empty corpus without loading the
-model (the corpus ``teacher`` is then refused with what to set). Sampling is
-kept batch by batch under the resume folder, so a killed run goes on where it
-stopped; batches of the previous output made with the same settings and model
-are reused, so raising ``teacher_text.tokens`` samples only the new batches.
+The settings are those of the active run profile (``evaluate.profile``):
+``teacher_text.profiles.nightly`` may ask for text where the quick profile
+asks for none. With ``tokens: 0`` it writes an empty corpus without loading
+the model (the corpus ``teacher`` is then refused with what to set).
+
+Samples are kept batch by batch under the resume folder, one folder per
+sampling settings and model (``teacher-text/<key>``), and stay there after
+the run: a killed run goes on where it stopped, raising ``tokens`` samples
+only the new batches, and a quick run between two nightly ones (which writes
+the empty corpus) costs the next nightly run no sampling.
 
 Usage: ``python -m stages.teacher_text --model models/base --out
 data/teacher_text --report metrics/teacher_text.json``
@@ -14,15 +19,16 @@ data/teacher_text --report metrics/teacher_text.json``
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from saap.atomic import atomic_dir, write_json
 from saap.distill import weights_digest
 from saap.model import load_model, torch_dtype
-from saap.params import TeacherTextParams, load_section
+from saap.params import TeacherTextParams, load_for_profile
 from saap.teacher_text import (
     SCHEMA,
     generate_teacher_text,
@@ -50,24 +56,31 @@ def run(
     else:
         model, tokenizer = load_model(model_dir, dtype=torch_dtype(params.dtype))
         wanted = settings(params, tokenizer, weights_digest(model))
-        partial = resume_dir / "teacher-text"
-        # the previous output and a killed run's batches: the same settings
-        # sample the same batches, so the longer list is taken as it is
-        done = max(
-            read_batches(out_dir, wanted), read_batches(partial, wanted), key=len
-        )
+        kept = kept_dir(resume_dir, wanted)
+        # the previous output and the kept batches (a killed run's, or an
+        # earlier profile's): the same settings sample the same batches, so
+        # the longer list is taken as it is
+        kept_batches = read_batches(kept, wanted)
+        done = max(read_batches(out_dir, wanted), kept_batches, key=len)
+        held = sum(map(len, kept_batches))
 
         def keep(texts: list[str]) -> None:
-            with atomic_dir(partial) as tmp:
+            nonlocal held
+            if len(texts) <= held:
+                return
+            with atomic_dir(kept) as tmp:
                 save_teacher_text(
                     texts,
                     {"schema": SCHEMA, "samples": len(texts), "settings": wanted},
                     tmp,
                 )
+            held = len(texts)
 
         documents, sampled = generate_teacher_text(
             model, tokenizer, params, done, on_batch=keep
         )
+        # batches reused from the previous output are kept too
+        keep(documents)
         meta = {
             "schema": SCHEMA,
             "samples": len(documents),
@@ -76,8 +89,6 @@ def run(
         }
     with atomic_dir(out_dir) as tmp:
         save_teacher_text(documents, meta, tmp)
-    if params.tokens:
-        shutil.rmtree(resume_dir / "teacher-text", ignore_errors=True)
     seconds = time.perf_counter() - began
     record = {
         "samples": meta["samples"],
@@ -92,6 +103,12 @@ def run(
     return record
 
 
+def kept_dir(resume_dir: Path, wanted: dict) -> Path:
+    """Where the batches of the sampling settings ``wanted`` are kept."""
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()
+    return Path(resume_dir) / "teacher-text" / key[:16]
+
+
 @guarded
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -104,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume-dir", type=Path, default=Path(".saap/resume"))
     args = parser.parse_args(argv)
     setup()
-    params = load_section(args.params, "teacher_text")
+    # the active run profile (evaluate.profile; the nightly flow sets it) may
+    # ask for text: teacher_text.profiles
+    params, profile = load_for_profile(args.params, "teacher_text")
+    log.info("teacher text profile %s: %d tokens", profile, params.tokens)
     record = run(params, args.model, args.out, args.resume_dir, args.report)
     if record["tokens"]:
         log.info(

@@ -160,6 +160,33 @@ def test_project_nightly_profile_distils_about_a_million_tokens():
     assert 1_000_000 <= tokens < 1_001_000 and nightly.method == "kd"
 
 
+def test_project_nightly_profile_distils_on_teacher_text_it_samples():
+    """The nightly recovery reads the teacher's samples (README, 'The nightly
+    budget with teacher text') and the same profile samples them; the quick
+    profile (make run) does neither. A profile that reads the corpus without
+    sampling it is refused before any work, naming the key to set."""
+    from saap.params import load_for_profile
+    from stages.finetune import check_teacher_text
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    finetune = parse_section("finetune", raw["finetune"])
+    text = parse_section("teacher_text", raw["teacher_text"])
+    for profile in ("quick", "nightly"):
+        check_teacher_text(finetune.resolved(profile), text.resolved(profile), profile)
+    assert "teacher" in finetune.resolved("nightly").kd_corpora
+    assert text.resolved("nightly").tokens == 655_360
+    quick_text, profile = load_for_profile(ROOT / "params.yaml", "teacher_text")
+    assert profile == "quick" and quick_text.tokens == 0
+    assert "teacher" not in finetune.resolved("quick").kd_corpora
+    with pytest.raises(
+        ParamsError, match=r"teacher_text\.profiles\.nightly\.tokens.*kd_corpora"
+    ):
+        check_teacher_text(finetune.resolved("nightly"), text.resolved(None), "nightly")
+    # LoRA reads no distillation text: nothing to refuse
+    lora = finetune.resolved("nightly").model_copy(update={"method": "lora"})
+    check_teacher_text(lora, text.resolved(None), "nightly")
+
+
 def test_auto_dtype_follows_the_hardware():
     import torch
 

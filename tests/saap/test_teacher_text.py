@@ -11,7 +11,7 @@ import torch
 
 from saap.data import evaluation_documents
 from saap.distill import distillation_documents, pack, shared_ngrams
-from saap.errors import DataError
+from saap.errors import DataError, ParamsError
 from saap.model import load_model
 from saap.params import FinetuneParams, TeacherTextParams, parse_section
 from saap.recovery import RECOVERIES, RecoveryData
@@ -118,7 +118,8 @@ def test_a_killed_stage_keeps_the_previous_corpus_and_resumes(
     tiny_model_dir, tmp_path, monkeypatch
 ):
     out, resume = tmp_path / "teacher_text", tmp_path / "resume"
-    whole = stage.run(params(), tiny_model_dir, tmp_path / "whole", resume)
+    # the uninterrupted reference keeps its batches elsewhere
+    whole = stage.run(params(), tiny_model_dir, tmp_path / "whole", tmp_path / "r2")
     stage.run(params(tokens=32), tiny_model_dir, out, resume)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -146,7 +147,64 @@ def test_a_killed_stage_keeps_the_previous_corpus_and_resumes(
     # batches 0 and 1 come from the killed run's kept batches, batch 2 is new
     assert (resumed["reused_tokens"], resumed["sampled_tokens"]) == (64, 32)
     assert teacher_documents(out) == teacher_documents(tmp_path / "whole")
-    assert whole["samples"] == 6 and not (resume / "teacher-text").exists()
+    assert whole["samples"] == 6
+
+
+def test_kept_batches_outlive_a_run_without_text(tiny_model_dir, tmp_path):
+    """A quick run between two nightly ones writes the empty corpus; the next
+    nightly run samples nothing again (batches kept by settings)."""
+    out, resume = tmp_path / "teacher_text", tmp_path / "resume"
+    first = stage.run(params(), tiny_model_dir, out, resume)
+    stage.run(params(tokens=0), tiny_model_dir, out, resume)
+    assert (out / TEACHER_FILE).read_text() == ""
+    again = stage.run(params(), tiny_model_dir, out, resume)
+    assert (again["reused_tokens"], again["sampled_tokens"]) == (96, 0)
+    # fewer tokens take the first batches; other settings keep their own
+    fewer = stage.run(params(tokens=32), tiny_model_dir, out, resume)
+    assert (fewer["reused_tokens"], fewer["sampled_tokens"]) == (32, 0)
+    stage.run(params(temperature=0.7), tiny_model_dir, out, resume)
+    assert len(list((resume / "teacher-text").iterdir())) == 2
+    back = stage.run(params(), tiny_model_dir, out, resume)
+    assert (back["reused_tokens"], back["samples"]) == (96, first["samples"])
+
+
+def test_the_stage_samples_what_the_active_run_profile_asks(tiny_model_dir, tmp_path):
+    """teacher_text.profiles: the nightly profile samples where quick does
+    not (the stage's dvc.yaml params include evaluate.profile)."""
+    import yaml
+
+    from saap.params import load_for_profile
+
+    raw = {
+        "teacher_text": {
+            "tokens": 0,
+            "length": 16,
+            "batch_size": 2,
+            "dtype": "float32",
+            "profiles": {"nightly": {"tokens": 48}},
+        },
+        "evaluate": {"profile": "nightly"},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out, report = tmp_path / "teacher_text", tmp_path / "r.json"
+    argv = ["--params", str(path), "--model", str(tiny_model_dir), "--out", str(out)]
+    argv += ["--report", str(report), "--resume-dir", str(tmp_path / "resume")]
+    stage.main(argv)
+    assert json.loads(report.read_text())["tokens"] == 48
+    assert len(teacher_documents(out)) == 3
+    raw["evaluate"]["profile"] = "quick"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_for_profile(path, "teacher_text")[0].tokens == 0
+    stage.main(argv)
+    assert json.loads(report.read_text())["tokens"] == 0
+    # a profile key no evaluation profile has would never apply
+    raw["teacher_text"]["profiles"] = {"nighlty": {"tokens": 48}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"teacher_text\.profiles\.nighlty: no"):
+        load_for_profile(path, "teacher_text")
+    with pytest.raises(ParamsError, match=r"teacher_text\.profiles\.nightly\.tokenz"):
+        parse_section("teacher_text", {"profiles": {"nightly": {"tokenz": 1}}})
 
 
 def test_teacher_text_is_decontaminated_on_the_recovery_path(tiny, text_dir, tmp_path):
