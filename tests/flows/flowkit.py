@@ -83,6 +83,8 @@ def tiny_settings(root: Path) -> None:
             # no nightly evaluation profile above, so no nightly recovery budget
             "profiles": {},
         },
+        # nor nightly teacher text
+        teacher_text={"profiles": {}},
         bench={
             "prompt_len": 8,
             "decode_tokens": 4,
