@@ -31,6 +31,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def profiles_field(section: str, example: str):
+    """The ``profiles`` field of a :class:`ProfiledSection` (declared by each
+    subclass, after its own keys)."""
+    return Field(
+        default_factory=dict,
+        description=f"Settings by run profile (the active evaluate.profile): "
+        f"{section} keys a profile overrides, e.g. {example}; a profile not "
+        "listed runs the settings above.",
+    )
+
+
 class ProfiledSection(Section):
     """A section whose keys a run profile (the active ``evaluate.profile``) may
     override: ``profiles: {nightly: {key: value}}``, a field each subclass
@@ -566,12 +577,9 @@ class TeacherTextParams(ProfiledSection):
         "the vocabulary has it (the document separator), else the tokenizer's "
         "beginning-of-text token.",
     )
-    profiles: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Settings by run profile (the active evaluate.profile): "
-        "teacher_text keys a profile overrides, e.g. nightly: {tokens: 655360} "
-        "for a nightly recovery that distils on them; a profile not listed "
-        "samples as above.",
+    profiles: dict[str, dict[str, Any]] = profiles_field(
+        "teacher_text",
+        "nightly: {tokens: 655360} for a nightly recovery that distils on them",
     )
 
 
@@ -743,12 +751,9 @@ class FinetuneParams(ProfiledSection):
         "set and cached under the download cache, so later runs on the same "
         "windows skip the teacher; null: full logits, teacher run every step.",
     )
-    profiles: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Recovery settings by run profile (the active evaluate.profile): "
-        "finetune keys a profile overrides, e.g. nightly: {max_steps: 977} (about "
-        "1M distillation tokens at batch 4 x 256); a profile not listed runs the "
-        "settings above.",
+    profiles: dict[str, dict[str, Any]] = profiles_field(
+        "finetune",
+        "nightly: {max_steps: 977} (about 1M distillation tokens at batch 4 x 256)",
     )
 
     @field_validator("micro_batch_size")
