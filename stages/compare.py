@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import resource
@@ -59,6 +60,8 @@ from stages.common import guarded, setup
 log = logging.getLogger("stages.compare")
 
 SCHEMA = "saap.compare-arm/v2"
+# a seed's importance run facts (seconds, peak_rss_mb), beside its scores
+RUN_FACTS = "run.json"
 
 ESTIMATORS = sorted(
     {m.importance for m in METHODS.values()} - {"saap"}
@@ -227,7 +230,7 @@ def run_arm(
             "removed_layers": plan.removed_layers,
             "kept_fraction": kept_fractions(plan),
             "prune_s": prune_s,
-            "calibration_pass_s": scores.meta.get("seconds"),
+            "calibration_pass_s": calibration_pass_s(importance_dirs[seed]),
         }
         record["seeds"].append(row)
         log.info(
@@ -298,6 +301,15 @@ def run_arm(
     return record
 
 
+def calibration_pass_s(seed_dir: Path) -> float | None:
+    """The seconds the seed's importance pass took (None for scores written
+    before the run facts were kept apart)."""
+    path = Path(seed_dir) / RUN_FACTS
+    if path.is_file():
+        return json.loads(path.read_text()).get("seconds")
+    return None
+
+
 def _copy(model):
     return copy.deepcopy(model)
 
@@ -327,11 +339,13 @@ def importance(args: argparse.Namespace) -> None:
             seed_dir = tmp / f"seed{seed}"
             seed_dir.mkdir()
             save_calibration(tensors, meta, seed_dir)
-            scores = compute(
+            scores, facts = compute(
                 params.model_copy(update={"seed": seed}), args.model, seed_dir
             )
             save_scores(scores, seed_dir)
-            log.info("seed %d: importance in %.1f s", seed, scores.meta["seconds"])
+            # the run's time beside the scores (the arms report it)
+            write_json(seed_dir / RUN_FACTS, facts)
+            log.info("seed %d: importance in %.1f s", seed, facts["seconds"])
 
 
 def arm(args: argparse.Namespace) -> None:

@@ -1,7 +1,11 @@
 """DVC stage ``importance``: score every prunable group with every estimator.
 
 Usage: ``python -m stages.importance --model models/base --calibration
-data/calibration --out artifacts/importance``
+data/calibration --out artifacts/importance --report metrics/importance.json``
+
+The scores directory records what was scored (deterministic: the same inputs
+give a byte-identical directory, so DVC sees unchanged scores as unchanged and
+the ranking does not re-run); the run's time and memory go to the report.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from saap.atomic import atomic_dir
+from saap.atomic import atomic_dir, write_json
 from saap.calibration import load_calibration
 from saap.errors import ParamsError
 from saap.importance.estimators import ESTIMATORS, collect_for, with_fusion_inputs
@@ -28,7 +32,9 @@ log = logging.getLogger("stages.importance")
 
 def compute(
     params: ImportanceParams, model_dir: Path, calibration_dir: Path
-) -> ImportanceScores:
+) -> tuple[ImportanceScores, dict]:
+    """The scores, and the run's facts (``seconds``, ``peak_rss_mb``), kept
+    apart: the scores' meta holds only what the inputs determine."""
     started = time.perf_counter()
     model, _ = load_model(model_dir, dtype=torch.float32)
     windows = load_calibration(calibration_dir)["input_ids"]
@@ -51,14 +57,17 @@ def compute(
         "jackknife": params.jackknife,
         "num_tokens": stats.num_tokens,
         "calibration_losses": stats.losses,
+    }
+    scores = scores_from_stats(
+        stats, list(params.estimators), params.seed, meta, params.jackknife
+    )
+    facts = {
         "seconds": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
         ),
     }
-    return scores_from_stats(
-        stats, list(params.estimators), params.seed, meta, params.jackknife
-    )
+    return scores, facts
 
 
 def check_jackknife(params: ImportanceParams, prune: PruneParams) -> None:
@@ -93,16 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
     parser.add_argument("--out", type=Path, default=Path("artifacts/importance"))
+    parser.add_argument("--report", type=Path, default=Path("metrics/importance.json"))
     args = parser.parse_args(argv)
     setup()
     params = load_section(args.params, "importance")
     check_jackknife(params, load_section(args.params, "prune"))
-    scores = compute(params, args.model, args.calibration)
+    scores, facts = compute(params, args.model, args.calibration)
     with atomic_dir(args.out) as tmp:
         save_scores(scores, tmp)
-    log.info(
-        "importance: %s in %.1f s", ", ".join(scores.scores), scores.meta["seconds"]
+    write_json(
+        args.report,
+        {"estimators": list(scores.scores), "num_tokens": scores.meta["num_tokens"]}
+        | facts,
     )
+    log.info("importance: %s in %.1f s", ", ".join(scores.scores), facts["seconds"])
 
 
 if __name__ == "__main__":

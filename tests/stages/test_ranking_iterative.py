@@ -4,6 +4,8 @@ builds), and the composed plan still meets the target."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -37,7 +39,7 @@ def stage_inputs(tmp_path_factory, tiny_model_dir, text_dir):
     )  # fmt: skip
     importance.main(
         ["--params", str(params), "--model", str(tiny_model_dir), "--calibration",
-         str(calib), "--out", str(scores)]
+         str(calib), "--out", str(scores), "--report", str(root / "importance.json")]
     )  # fmt: skip
     return scores, calib
 
@@ -70,3 +72,30 @@ def test_iterative_steps_score_what_the_prune_stage_builds(
     assert built == ([True] if least_squares else [])
     assert abs(plan.removed_params - plan.target_removed) <= 2 * 192
     assert bool(plan.least_squares) is least_squares
+
+
+def test_importance_scores_are_byte_identical_and_run_facts_apart(
+    stage_inputs, tiny_model_dir, tmp_path
+):
+    # the scores directory is a DVC output the ranking depends on: the same
+    # inputs must give the same bytes (time and memory go to the report), or
+    # every importance re-run would re-run the ranking
+    scores_dir, calib = stage_inputs
+    params = scores_dir.parent / "params.yaml"
+    again, report = tmp_path / "importance", tmp_path / "importance.json"
+    importance.main(
+        ["--params", str(params), "--model", str(tiny_model_dir), "--calibration",
+         str(calib), "--out", str(again), "--report", str(report)]
+    )  # fmt: skip
+    names = sorted(p.name for p in scores_dir.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) == [
+        "meta.json",
+        "scores.safetensors",
+    ]
+    for name in names:
+        assert (scores_dir / name).read_bytes() == (again / name).read_bytes(), name
+    facts = json.loads(report.read_text())
+    assert facts["seconds"] > 0 and facts["peak_rss_mb"] > 0
+    # SAAP's fusion inputs (flap) are scored beside the ones params name
+    assert facts["estimators"] == ["taylor_element1", "flap", "wanda_sp"]
+    assert "seconds" not in json.loads((again / "meta.json").read_text())

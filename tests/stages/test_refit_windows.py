@@ -74,7 +74,8 @@ def calibrations(tmp_path_factory, tiny_model_dir, text_dir):
         out[refit] = root / f"calib{refit}"
     importance.main(
         ["--params", str(root / "params0.yaml"), "--model", str(tiny_model_dir),
-         "--calibration", str(out[0]), "--out", str(root / "importance")]
+         "--calibration", str(out[0]), "--out", str(root / "importance"),
+         "--report", str(root / "importance.json")]
     )  # fmt: skip
     out["importance"] = root / "importance"
     out["root"] = root
