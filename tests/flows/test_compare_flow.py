@@ -99,6 +99,9 @@ def test_compare_runs_each_arm_as_a_dvc_experiment_and_gathers(project):
             assert 0.6 < row["params"] / dense["params"] < 0.75
             assert row["speedup_ideal"] > 1.2
     assert by[("saap", None)]["n_seeds"] == 2
+    # the seed's importance pass time, kept beside its scores (run.json), not
+    # in them: the report's calibration-pass column
+    assert by[("saap", None)]["calibration_pass_s"] > 0
     for key, row in by.items():
         if key[0] != "dense":
             assert row["kl"][0] > 0.0  # fidelity to dense, per arm
